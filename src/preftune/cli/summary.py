@@ -1,0 +1,35 @@
+"""One-screen summaries printed at the end of a command."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from preftune.training.dpo import DPOResult
+
+KEY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def print_dpo_summary(result: DPOResult, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"preftune dpo: {result.output_dir}")
+    table.add_column("metric")
+    table.add_column("held-out", justify="right")
+    for name in KEY_METRICS:
+        value = result.eval_metrics.get(f"eval_{name}")
+        if value is not None:
+            table.add_row(name, f"{value:.4f}")
+    table.add_row("training pairs", str(result.n_train))
+    table.add_row("held-out pairs", str(result.n_eval))
+    table.add_row("train runtime (s)", f"{result.train_metrics.get('train_runtime', float('nan')):.1f}")
+    table.add_row("reference", result.reference_mode)
+    console.print(table)
+    console.print(f"adapter/model, tokenizer and run config saved in [bold]{result.output_dir}[/bold]")

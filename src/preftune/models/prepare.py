@@ -1,0 +1,196 @@
+"""Load the policy, its tokenizer and its reference, cheapest reference first.
+
+| what --model_name_or_path is        | policy                          | reference                          |
+|-------------------------------------|---------------------------------|------------------------------------|
+| a base model, --use_peft_lora       | base + new LoRA `default`       | the base, adapter disabled         |
+| a LoRA adapter (an SFT result)      | adapter loaded as `default`     | same adapter as frozen `reference` |
+|   ... with --merge_and_unload       | merged base + new LoRA          | the merged base, adapter disabled  |
+| a base model, full fine-tuning      | the model                       | a frozen copy                      |
+
+The two LoRA cases keep ONE base model in memory: a reference costs an adapter, not a model
+(the seed recipe's multi-adapter trick).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from preftune.config import ModelArguments
+from preftune.models.embedded import embedded_model_path
+from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
+
+logger = logging.getLogger("preftune")
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+
+
+class ModelPathError(ValueError):
+    """--model_name_or_path points at nothing loadable."""
+
+
+@dataclass
+class PreparedModels:
+    model: torch.nn.Module  # the policy (a PeftModel for LoRA runs)
+    tokenizer: PreTrainedTokenizerBase
+    reference_mode: str  # "adapter_disabled" | "reference_adapter" | "model_copy"
+    reference_model: torch.nn.Module | None = None  # only for "model_copy"
+    base_model_name_or_path: str = ""
+
+
+def resolve_model_path(model_name_or_path: str | None) -> str:
+    """None means the embedded model; a local-looking path must exist."""
+    if model_name_or_path is None:
+        return str(embedded_model_path())
+    path = Path(model_name_or_path).expanduser()
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or path.exists() or model_name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise ModelPathError(f"--model_name_or_path: no such folder: {model_name_or_path}")
+    return str(path) if path.exists() else model_name_or_path
+
+
+def adapter_base(model_path: str) -> str | None:
+    """If `model_path` is a PEFT adapter, the base model it was trained on; else None."""
+    config_file = Path(model_path) / "adapter_config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text())["base_model_name_or_path"]
+    if Path(model_path).exists():
+        return None
+    try:  # a Hub repo: ask PEFT whether it is an adapter
+        from peft import PeftConfig
+
+        return PeftConfig.from_pretrained(model_path).base_model_name_or_path
+    except Exception:  # noqa: BLE001 - not an adapter (or not reachable): treat as a model
+        return None
+
+
+def _torch_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"--torch_dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
+    return dtypes[name]
+
+
+def load_tokenizer(path: str, fallback: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the model (or its base), with a pad token guaranteed."""
+    source = path
+    if fallback and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        source = fallback
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(path: str, args: ModelArguments, for_training: bool = True) -> PreTrainedModel:
+    """A causal LM with the requested quantization, dtype and attention implementation."""
+    quantization = bnb_config(
+        load_in_4bit=args.use_4bit_quantization,
+        load_in_8bit=args.use_8bit_quantization,
+        quant_type=args.bnb_4bit_quant_type,
+        nested=args.use_nested_quant,
+        compute_dtype=args.bnb_4bit_compute_dtype,
+        quant_storage=args.bnb_4bit_quant_storage_dtype,
+    )
+    attn = "flash_attention_2" if args.use_flash_attn else args.attn_implementation
+    kwargs = {"trust_remote_code": args.trust_remote_code, "dtype": _torch_dtype(args.torch_dtype)}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization is not None:
+        keep_4bit_trainable_after_no_grad(model)
+    return model
+
+
+def _lora_config(args: ModelArguments):
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules.strip()
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _prepare_for_kbit(model: PreTrainedModel, gradient_checkpointing: bool, use_reentrant: bool) -> PreTrainedModel:
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant},
+    )
+
+
+def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -> PreparedModels:
+    """Load policy + tokenizer and decide how the reference is computed (see the module table)."""
+    from peft import PeftModel, get_peft_model
+
+    quantized = args.use_4bit_quantization or args.use_8bit_quantization
+    model_path = resolve_model_path(args.model_name_or_path)
+    base_path = adapter_base(model_path)
+
+    if base_path is not None:  # the model is a LoRA adapter, e.g. the output of SFT
+        base_path = resolve_model_path(base_path)
+        tokenizer = load_tokenizer(model_path, fallback=base_path, trust_remote_code=args.trust_remote_code)
+        base = load_base_model(base_path, args)
+        if args.merge_and_unload:
+            if quantized:
+                logger.warning("merging an adapter into a quantized base rounds the merged weights to 4/8 bits")
+            base = PeftModel.from_pretrained(base, model_path).merge_and_unload()
+            if quantized:
+                base = _prepare_for_kbit(base, gradient_checkpointing, args.use_reentrant)
+            model = get_peft_model(base, _lora_config(args))
+            return PreparedModels(model, tokenizer, "adapter_disabled", base_model_name_or_path=base_path)
+        if quantized:
+            base = _prepare_for_kbit(base, gradient_checkpointing, args.use_reentrant)
+        model = PeftModel.from_pretrained(base, model_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        model.load_adapter(model_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(POLICY_ADAPTER)
+        freeze_adapter(model, REFERENCE_ADAPTER)
+        return PreparedModels(model, tokenizer, "reference_adapter", base_model_name_or_path=base_path)
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
+    base = load_base_model(model_path, args)
+    if quantized and not args.use_peft_lora:
+        raise ValueError(
+            "--use_4bit_quantization/--use_8bit_quantization need --use_peft_lora: quantized weights cannot be trained directly"
+        )
+    if args.use_peft_lora:
+        if quantized:
+            base = _prepare_for_kbit(base, gradient_checkpointing, args.use_reentrant)
+        model = get_peft_model(base, _lora_config(args))
+        return PreparedModels(model, tokenizer, "adapter_disabled", base_model_name_or_path=model_path)
+
+    reference = copy.deepcopy(base).eval().requires_grad_(False)
+    return PreparedModels(base, tokenizer, "model_copy", reference_model=reference, base_model_name_or_path=model_path)
+
+
+def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """requires_grad=False on every weight of one adapter (PEFT's set_adapter can switch it back on)."""
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(False)
+
+
+def adapter_state(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """A detached copy of one adapter's weights (used to prove the reference never changes)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter_name}." in n}

@@ -1,0 +1,161 @@
+"""PreferenceTrainer: `transformers.Trainer` with a preference loss.
+
+The Trainer keeps doing what it does well (optimizers, schedulers, gradient accumulation, mixed
+precision, checkpoints and resume, logging integrations, distributed launch). We replace only the
+loss: policy log-probs of chosen and rejected replies in one concatenated forward, reference
+log-probs under no_grad, one of the preference losses, and the reward metrics logged beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import Trainer
+
+from preftune.config import PreferenceArguments
+from preftune.losses import preference_loss
+from preftune.models.prepare import POLICY_ADAPTER, REFERENCE_ADAPTER
+from preftune.training.batching import REF_KEYS
+from preftune.training.logprobs import SequenceLogps, sequence_logps
+
+Tensor = torch.Tensor
+
+
+class PreferenceTrainer(Trainer):
+    """Trains the policy on preference pairs; the reference is computed as `reference_mode` says.
+
+    reference_mode:
+      - "adapter_disabled": the policy is base + LoRA; the reference is the base (adapter off).
+      - "reference_adapter": the policy is the `default` adapter; the reference is the frozen
+        `reference` adapter on the same base model.
+      - "model_copy": a separate frozen model (full fine-tuning).
+    """
+
+    def __init__(
+        self,
+        *args,
+        preference_args: PreferenceArguments,
+        reference_mode: str,
+        reference_model: torch.nn.Module | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # Our loss is already a mean over pairs: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.pref = preference_args
+        self.reference_mode = reference_mode
+        self.reference_model = reference_model
+        if reference_model is not None:
+            self.reference_model = reference_model.to(self.args.device)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ---- log-probs --------------------------------------------------------------------------
+
+    def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log-probs of one model over the 2B concatenated rows."""
+        out: SequenceLogps = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunked=self.pref.chunked_logps
+        )
+        # IPO is defined on per-token average log-probs (Azar et al. 2023); the others on sums.
+        logps = out.mean_per_token() if self.pref.loss_type == "ipo" else out.logps
+        n_pairs = logps.shape[0] // 2
+        return logps[:n_pairs], logps[n_pairs:]
+
+    @contextlib.contextmanager
+    def _as_reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Temporarily turn the policy into its reference (eval mode: no dropout), then back."""
+        if self.reference_mode == "model_copy":
+            yield self.reference_model
+            return
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            if self.reference_mode == "adapter_disabled":
+                with peft_model.disable_adapter():
+                    yield peft_model
+            elif self.reference_mode == "reference_adapter":
+                trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+                peft_model.set_adapter(REFERENCE_ADAPTER)
+                try:
+                    yield peft_model
+                finally:
+                    peft_model.set_adapter(POLICY_ADAPTER)
+                    # set_adapter flips requires_grad; restore exactly what was trainable before.
+                    for n, p in peft_model.named_parameters():
+                        p.requires_grad_(n in trainable)
+            else:
+                raise ValueError(f"unknown reference mode {self.reference_mode!r}")
+        finally:
+            peft_model.train(was_training)
+
+    def reference_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if all(k in batch for k in REF_KEYS):
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad(), self._as_reference(model) as reference:
+            return self._logps(reference, batch)
+
+    def precompute_reference_logps(self, dataset: list[dict], desc: str = "reference log-probs") -> None:
+        """One no-grad pass over `dataset`, storing the reference log-probs in each pair."""
+        batch_size = self.args.per_device_eval_batch_size
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        position = 0
+        for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
+            batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
+            chosen, rejected = self.reference_logps(self.model, batch)
+            for c, r in zip(chosen.tolist(), rejected.tolist()):
+                dataset[position]["ref_chosen_logps"] = c
+                dataset[position]["ref_rejected_logps"] = r
+                position += 1
+
+    # ---- loss and metrics -------------------------------------------------------------------
+
+    def _pair_loss(self, model: torch.nn.Module, batch: dict[str, Tensor], split: str) -> Tensor:
+        ref_chosen, ref_rejected = self.reference_logps(model, batch)
+        policy_chosen, policy_rejected = self._logps(model, batch)
+        out = preference_loss(
+            self.pref.loss_type,
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.pref.beta,
+            label_smoothing=self.pref.label_smoothing,
+        )
+        loss = out.losses.mean()
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": policy_chosen.detach().mean(),
+            "logps/rejected": policy_rejected.detach().mean(),
+        }
+        for name, value in metrics.items():
+            # mean over processes, so every rank logs the same numbers
+            self._metrics[split][name].append(self.accelerator.reduce(value.detach(), "mean").item())
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self._pair_loss(model, inputs, "train")
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self._pair_loss(model, inputs, "eval")
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for name, values in self._metrics[split].items():
+            logs[prefix + name] = sum(values) / len(values)
+        self._metrics[split].clear()
+        super().log(logs, start_time)
