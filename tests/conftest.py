@@ -1,0 +1,74 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny random models of the same vocabulary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo_en_demo.json"
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    from preftune.models.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_path):
+    from preftune.models.prepare import load_tokenizer
+
+    return load_tokenizer(str(embedded_path))
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, saved like a Hub model."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_llama(len(tokenizer))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+PAIRS = [
+    {"prompt": "What is the capital of France?", "chosen": '{"answer": "Paris"}', "rejected": "The capital of France is Paris."},
+    {"prompt": "What is 2 plus 3?", "chosen": '{"answer": "5"}', "rejected": "Two plus three equals five."},
+    {"prompt": "Name the opposite of hot.", "chosen": '{"answer": "cold"}', "rejected": "The opposite of hot is cold."},
+    {"prompt": "What color is the sky?", "chosen": '{"answer": "blue"}', "rejected": "On a clear day the sky is blue."},
+    {"prompt": "What is the symbol for gold?", "chosen": '{"answer": "Au"}', "rejected": "Gold has the chemical symbol Au."},
+    {"prompt": "How many legs does a spider have?", "chosen": '{"answer": "8"}', "rejected": "A spider has eight legs."},
+    {"prompt": "What is the plural of mouse?", "chosen": '{"answer": "mice"}', "rejected": "The plural of mouse is mice."},
+    {"prompt": "Which planet is the largest?", "chosen": '{"answer": "Jupiter"}', "rejected": "Jupiter is the largest planet."},
+]
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    return path
