@@ -56,14 +56,42 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 PAIRS = [
-    {"prompt": "What is the capital of France?", "chosen": '{"answer": "Paris"}', "rejected": "The capital of France is Paris."},
+    {
+        "prompt": "What is the capital of France?",
+        "chosen": '{"answer": "Paris"}',
+        "rejected": "The capital of France is Paris.",
+    },
     {"prompt": "What is 2 plus 3?", "chosen": '{"answer": "5"}', "rejected": "Two plus three equals five."},
-    {"prompt": "Name the opposite of hot.", "chosen": '{"answer": "cold"}', "rejected": "The opposite of hot is cold."},
-    {"prompt": "What color is the sky?", "chosen": '{"answer": "blue"}', "rejected": "On a clear day the sky is blue."},
-    {"prompt": "What is the symbol for gold?", "chosen": '{"answer": "Au"}', "rejected": "Gold has the chemical symbol Au."},
-    {"prompt": "How many legs does a spider have?", "chosen": '{"answer": "8"}', "rejected": "A spider has eight legs."},
-    {"prompt": "What is the plural of mouse?", "chosen": '{"answer": "mice"}', "rejected": "The plural of mouse is mice."},
-    {"prompt": "Which planet is the largest?", "chosen": '{"answer": "Jupiter"}', "rejected": "Jupiter is the largest planet."},
+    {
+        "prompt": "Name the opposite of hot.",
+        "chosen": '{"answer": "cold"}',
+        "rejected": "The opposite of hot is cold.",
+    },
+    {
+        "prompt": "What color is the sky?",
+        "chosen": '{"answer": "blue"}',
+        "rejected": "On a clear day the sky is blue.",
+    },
+    {
+        "prompt": "What is the symbol for gold?",
+        "chosen": '{"answer": "Au"}',
+        "rejected": "Gold has the chemical symbol Au.",
+    },
+    {
+        "prompt": "How many legs does a spider have?",
+        "chosen": '{"answer": "8"}',
+        "rejected": "A spider has eight legs.",
+    },
+    {
+        "prompt": "What is the plural of mouse?",
+        "chosen": '{"answer": "mice"}',
+        "rejected": "The plural of mouse is mice.",
+    },
+    {
+        "prompt": "Which planet is the largest?",
+        "chosen": '{"answer": "Jupiter"}',
+        "rejected": "Jupiter is the largest planet.",
+    },
 ]
 
 

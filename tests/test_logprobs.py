@@ -1,11 +1,10 @@
 """Sequence log-probs: the chunked and plain paths against a naive per-token loop."""
 
 import torch
+from conftest import make_tiny_llama
 
 from preftune.training.batching import PairCollator
 from preftune.training.logprobs import chunked_sequence_logps, plain_sequence_logps, sequence_logps
-
-from conftest import make_tiny_llama
 
 VOCAB = 97
 
@@ -82,7 +81,9 @@ def test_chunked_gradients_match_plain():
 def test_chunked_works_through_peft():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(make_tiny_llama(VOCAB), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        make_tiny_llama(VOCAB), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     _, batch = batch_of_pairs(seed=2)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():

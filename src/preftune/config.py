@@ -18,7 +18,9 @@ class ModelArguments:
             "Default: the embedded SmolLM2-135M-Instruct."
         },
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub repo (off: safer)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub repo (off: safer)."}
+    )
     torch_dtype: str = field(
         default="auto",
         metadata={"help": "dtype of the non-quantized weights: auto, float32, bfloat16, float16."},
@@ -26,8 +28,12 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa, eager or flash_attention_2 (default: transformers' choice)."}
     )
-    use_flash_attn: bool = field(default=False, metadata={"help": "Shortcut for --attn_implementation flash_attention_2."})
-    use_peft_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    use_flash_attn: bool = field(
+        default=False, metadata={"help": "Shortcut for --attn_implementation flash_attention_2."}
+    )
+    use_peft_lora: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter instead of all weights."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -36,17 +42,25 @@ class ModelArguments:
         metadata={"help": "Comma-separated module names (q_proj,k_proj,...) or all-linear."},
     )
     use_4bit_quantization: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits."})
-    use_8bit_quantization: bool = field(default=False, metadata={"help": "Load the base in 8 bits (LLM.int8)."})
+    use_8bit_quantization: bool = field(
+        default=False, metadata={"help": "Load the base in 8 bits (LLM.int8)."}
+    )
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
-    use_nested_quant: bool = field(default=False, metadata={"help": "Quantize the 4-bit quantization constants too."})
-    bnb_4bit_compute_dtype: str = field(default="float32", metadata={"help": "dtype of 4-bit matmuls: float32, bfloat16, float16."})
+    use_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit quantization constants too."}
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="float32", metadata={"help": "dtype of 4-bit matmuls: float32, bfloat16, float16."}
+    )
     bnb_4bit_quant_storage_dtype: str | None = field(
         default=None, metadata={"help": "Storage dtype of 4-bit weights (set to the compute dtype for FSDP)."}
     )
     use_reentrant: bool = field(default=False, metadata={"help": "Reentrant gradient checkpointing."})
     merge_and_unload: bool = field(
         default=False,
-        metadata={"help": "When the model is a LoRA adapter: merge it into the base first, then train a new LoRA."},
+        metadata={
+            "help": "When the model is a LoRA adapter: merge it into the base first, then train a new LoRA."
+        },
     )
 
 
@@ -54,31 +68,59 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub data set name, a local file (.json/.jsonl/.jsonl.gz/.parquet/.csv) or a save_to_disk folder."},
+        metadata={
+            "help": "Hub data set name, a local file (.json/.jsonl/.jsonl.gz/.parquet/.csv) or a save_to_disk folder."
+        },
     )
-    splits: str = field(default="train,test", metadata={"help": "Comma-separated splits: the first trains, the second evaluates."})
+    splits: str = field(
+        default="train,test",
+        metadata={"help": "Comma-separated splits: the first trains, the second evaluates."},
+    )
     test_size: float | None = field(
-        default=None, metadata={"help": "Carve a held-out split from train: a fraction (<1) or a number of pairs."}
+        default=None,
+        metadata={"help": "Carve a held-out split from train: a fraction (<1) or a number of pairs."},
     )
-    data_format: str = field(default="auto", metadata={"help": "auto, conversational, explicit, sharegpt or hh."})
-    chat_template_format: str = field(default="tokenizer", metadata={"help": "tokenizer, chatml, zephyr or none."})
+    data_format: str = field(
+        default="auto", metadata={"help": "auto, conversational, explicit, sharegpt or hh."}
+    )
+    chat_template_format: str = field(
+        default="tokenizer", metadata={"help": "tokenizer, chatml, zephyr or none."}
+    )
     max_seq_length: int = field(
         default=512, metadata={"help": "Longest prompt + reply in tokens.", "aliases": ["--max_length"]}
     )
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this many tokens."})
-    on_bad_rows: str = field(default="error", metadata={"help": "error: stop at bad rows; skip: drop them and report."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out pairs."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompts are cut from the left to this many tokens."}
+    )
+    on_bad_rows: str = field(
+        default="error", metadata={"help": "error: stop at bad rows; skip: drop them and report."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training pairs."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many held-out pairs."}
+    )
 
 
 @dataclass
 class PreferenceArguments:
-    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference (IPO: tau)."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, kto_pair or robust."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "robust (cDPO): probability that a label is flipped."})
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the pull towards the reference (IPO: tau)."}
+    )
+    loss_type: str = field(
+        default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, kto_pair or robust."}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "robust (cDPO): probability that a label is flipped."}
+    )
     chunked_logps: bool = field(
-        default=True, metadata={"help": "Compute log-probs from hidden states in chunks (lean memory); false: full logits."}
+        default=True,
+        metadata={
+            "help": "Compute log-probs from hidden states in chunks (lean memory); false: full logits."
+        },
     )
     precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute the reference log-probs once before training instead of every step."}
+        default=False,
+        metadata={"help": "Compute the reference log-probs once before training instead of every step."},
     )

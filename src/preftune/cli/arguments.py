@@ -21,7 +21,9 @@ class UsageError(ValueError):
 
 
 def _known_flags(parser: HfArgumentParser) -> list[str]:
-    return sorted({opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")})
+    return sorted(
+        {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    )
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -42,7 +44,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        raise UsageError(
+            f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}"
+        )
     return data
 
 
@@ -52,7 +56,9 @@ def config_to_flags(config: dict[str, Any], known: list[str], source: str) -> li
     for key, value in config.items():
         flag = "--" + str(key).lstrip("-")
         if flag not in known:
-            raise UsageError(f"--config {source}: unknown key {key!r}{_suggest(flag, known).replace('--', '')}")
+            raise UsageError(
+                f"--config {source}: unknown key {key!r}{_suggest(flag, known).replace('--', '')}"
+            )
         if value is None:
             continue
         if isinstance(value, bool):

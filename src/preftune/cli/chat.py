@@ -23,7 +23,9 @@ def load_chat_model(model: str | None, load_in_4bit: bool = False, trust_remote_
 
     path = resolve_model_path(model)
     base_path = adapter_base(path)
-    args = ModelArguments(model_name_or_path=path, use_4bit_quantization=load_in_4bit, trust_remote_code=trust_remote_code)
+    args = ModelArguments(
+        model_name_or_path=path, use_4bit_quantization=load_in_4bit, trust_remote_code=trust_remote_code
+    )
     if base_path is None:
         return load_base_model(path, args).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
     base_path = resolve_model_path(base_path)
@@ -32,15 +34,29 @@ def load_chat_model(model: str | None, load_in_4bit: bool = False, trust_remote_
     return PeftModel.from_pretrained(base, path).eval(), tokenizer
 
 
-def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float):
+def stream_reply(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float
+):
     """Yield the reply's text piece by piece as the model generates it."""
     from transformers import TextIteratorStreamer
 
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    kwargs = dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    kwargs = dict(
+        **inputs,
+        streamer=streamer,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
 
     def generate() -> None:
         with torch.no_grad():
@@ -53,8 +69,12 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, te
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="preftune chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="run folder, adapter, model folder or Hub name (default: embedded)")
+    parser = argparse.ArgumentParser(
+        prog="preftune chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="run folder, adapter, model folder or Hub name (default: embedded)"
+    )
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
@@ -89,7 +109,9 @@ def main(argv: list[str]) -> int:
         history.append({"role": "user", "content": user})
         console.print("[bold blue]bot> [/bold blue]", end="")
         reply = ""
-        for piece in stream_reply(model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p):
+        for piece in stream_reply(
+            model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p
+        ):
             reply += piece
             console.print(piece, end="", highlight=False, markup=False)
         console.print()

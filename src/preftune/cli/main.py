@@ -45,7 +45,9 @@ def _usage() -> str:
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
     logging.getLogger("preftune").setLevel(logging.INFO)
 
 

@@ -50,7 +50,9 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     if model_name_or_path is None:
         return str(embedded_model_path())
     path = Path(model_name_or_path).expanduser()
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or path.exists() or model_name_or_path.count("/") > 1
+    looks_local = (
+        model_name_or_path.startswith((".", "/", "~")) or path.exists() or model_name_or_path.count("/") > 1
+    )
     if looks_local and not path.exists():
         raise ModelPathError(f"--model_name_or_path: no such folder: {model_name_or_path}")
     return str(path) if path.exists() else model_name_or_path
@@ -80,7 +82,9 @@ def _torch_dtype(name: str) -> torch.dtype | str:
     return dtypes[name]
 
 
-def load_tokenizer(path: str, fallback: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, fallback: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the model (or its base), with a pad token guaranteed."""
     source = path
     if fallback and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -119,7 +123,9 @@ def _lora_config(args: ModelArguments):
     from peft import LoraConfig
 
     targets = args.lora_target_modules.strip()
-    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    target_modules = (
+        "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -130,7 +136,9 @@ def _lora_config(args: ModelArguments):
     )
 
 
-def _prepare_for_kbit(model: PreTrainedModel, gradient_checkpointing: bool, use_reentrant: bool) -> PreTrainedModel:
+def _prepare_for_kbit(
+    model: PreTrainedModel, gradient_checkpointing: bool, use_reentrant: bool
+) -> PreTrainedModel:
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(
@@ -154,7 +162,9 @@ def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -
         base = load_base_model(base_path, args)
         if args.merge_and_unload:
             if quantized:
-                logger.warning("merging an adapter into a quantized base rounds the merged weights to 4/8 bits")
+                logger.warning(
+                    "merging an adapter into a quantized base rounds the merged weights to 4/8 bits"
+                )
             base = PeftModel.from_pretrained(base, model_path).merge_and_unload()
             if quantized:
                 base = _prepare_for_kbit(base, gradient_checkpointing, args.use_reentrant)
@@ -181,7 +191,9 @@ def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -
         return PreparedModels(model, tokenizer, "adapter_disabled", base_model_name_or_path=model_path)
 
     reference = copy.deepcopy(base).eval().requires_grad_(False)
-    return PreparedModels(base, tokenizer, "model_copy", reference_model=reference, base_model_name_or_path=model_path)
+    return PreparedModels(
+        base, tokenizer, "model_copy", reference_model=reference, base_model_name_or_path=model_path
+    )
 
 
 def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:

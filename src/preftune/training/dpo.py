@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -88,7 +89,12 @@ def tokenized_splits(
             on_bad_rows=data_args.on_bad_rows,
             source=f"{data_args.dataset_name} [{split_name}]",
         )
-        tokenized.append([{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs])
+        tokenized.append(
+            [
+                {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
+                for p in pairs
+            ]
+        )
     train = tokenized[0]
     held_out = tokenized[1] if len(tokenized) > 1 else []
     if not train:
@@ -98,6 +104,8 @@ def tokenized_splits(
 
 def _configure_training_args(args: TrainingArguments, model_args: ModelArguments, has_eval: bool) -> None:
     args.remove_unused_columns = False  # our features are token lists, not model kwargs
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if args.gradient_checkpointing:
         args.gradient_checkpointing_kwargs = {"use_reentrant": model_args.use_reentrant}
     if not has_eval and args.eval_strategy != "no":
@@ -164,12 +172,23 @@ def run_dpo(
     prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, held_out = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
-    logger.info("%d training pairs, %d held-out pairs, reference: %s", len(train), len(held_out), prepared.reference_mode)
+    logger.info(
+        "%d training pairs, %d held-out pairs, reference: %s",
+        len(train),
+        len(held_out),
+        prepared.reference_mode,
+    )
 
     _configure_training_args(training_args, model_args, has_eval=bool(held_out))
     trainer = build_trainer(prepared, pref_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
-        save_run_config(training_args.output_dir, model=model_args, data=data_args, preference=pref_args, training=training_args)
+        save_run_config(
+            training_args.output_dir,
+            model=model_args,
+            data=data_args,
+            preference=pref_args,
+            training=training_args,
+        )
     if pref_args.precompute_ref_log_probs:
         trainer.precompute_reference_logps(train, desc="reference log-probs (train)")
         if held_out:

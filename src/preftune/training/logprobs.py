@@ -75,7 +75,9 @@ def plain_sequence_logps(
     return _sum_per_row(token_logps, predict_mask)
 
 
-def _chunk_token_logps(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None) -> Tensor:
+def _chunk_token_logps(
+    hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None
+) -> Tensor:
     logits = lm_head(hidden).float()
     if softcap:  # Gemma 2/3 cap their final logits: softcap * tanh(logits / softcap)
         logits = softcap * torch.tanh(logits / softcap)
@@ -125,9 +127,13 @@ def supports_chunked_logps(model: torch.nn.Module) -> bool:
     """Chunked log-probs need a decoder + LM head split and a plain logits transform."""
     causal_lm = unwrap_causal_lm(model)
     config = causal_lm.config
-    unsupported_scaling = any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling"))
+    unsupported_scaling = any(
+        getattr(config, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling")
+    )
     accepts_logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
-    return causal_lm.get_output_embeddings() is not None and accepts_logits_to_keep and not unsupported_scaling
+    return (
+        causal_lm.get_output_embeddings() is not None and accepts_logits_to_keep and not unsupported_scaling
+    )
 
 
 def sequence_logps(

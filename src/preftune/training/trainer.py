@@ -52,14 +52,21 @@ class PreferenceTrainer(Trainer):
         self.reference_model = reference_model
         if reference_model is not None:
             self.reference_model = reference_model.to(self.args.device)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
 
     # ---- log-probs --------------------------------------------------------------------------
 
     def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of one model over the 2B concatenated rows."""
         out: SequenceLogps = sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunked=self.pref.chunked_logps
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["loss_mask"],
+            chunked=self.pref.chunked_logps,
         )
         # IPO is defined on per-token average log-probs (Azar et al. 2023); the others on sums.
         logps = out.mean_per_token() if self.pref.loss_type == "ipo" else out.logps
