@@ -33,13 +33,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _truncate_left(ids: list[int], max_len: int, bos_id: int | None) -> list[int]:
-    """Keep the end of the prompt (the latest turns); keep a leading BOS token."""
-    if len(ids) <= max_len:
-        return ids
-    if bos_id is not None and ids and ids[0] == bos_id and max_len > 1:
-        return [bos_id] + ids[len(ids) - max_len + 1 :]
-    return ids[len(ids) - max_len :]
+def _keep_last(ids: list[int], n: int) -> list[int]:
+    return ids[max(len(ids) - n, 0) :] if n > 0 else []
 
 
 def _tokenize_pair(
@@ -51,11 +46,14 @@ def _tokenize_pair(
     add_bos: bool,
 ) -> TokenizedPair:
     prompt_text = render_prompt(example.prompt, tokenizer, template_format, example.raw_prompt)
-    prompt_ids = _encode(tokenizer, prompt_text)
-    bos_text = tokenizer.bos_token
-    if add_bos and not (bos_text and prompt_text.startswith(bos_text)):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    prompt_ids = _truncate_left(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
+    body = _encode(tokenizer, prompt_text)
+    bos = []
+    if add_bos:
+        # The model expects a BOS in front: add it unless the template wrote it, and keep it when
+        # the prompt is cut from the left (keeping its end: the latest turns).
+        has_bos = bool(tokenizer.bos_token) and prompt_text.startswith(tokenizer.bos_token)
+        bos, body = (body[:1], body[1:]) if has_bos else ([tokenizer.bos_token_id], body)
+    prompt_ids = bos + _keep_last(body, max_prompt_length - len(bos))
 
     room = max_length - len(prompt_ids)
     replies = []
