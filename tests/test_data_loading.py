@@ -176,6 +176,12 @@ def test_csv_keeps_text_that_only_looks_like_json(tmp_path):
     assert (ex.raw_prompt, ex.chosen, ex.rejected) == ("[1, 2] summed?", "[3]", "{not json}")
 
 
+def test_csv_long_cells(tmp_path):
+    rows = [{"prompt": "Write a lot.", "chosen": "word " * 50_000, "rejected": "short"}]
+    (ex,) = load_preference_splits(str(write_rows(rows, tmp_path / "d.csv")))["train"]
+    assert ex.chosen == rows[0]["chosen"]
+
+
 def test_json_file_holding_json_lines_and_columnar_json(tmp_path):
     rows = SAMPLES["explicit"]
     lines = tmp_path / "lines.json"

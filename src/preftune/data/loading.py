@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,8 @@ def _decode_cell(cell: str) -> Any:
 
 
 def _read_csv(path: Path) -> Rows:
+    # Replies can be longer than the csv module's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, newline="", encoding="utf-8") as f:
         return [
             {k: _decode_cell(v) if isinstance(v, str) else v for k, v in row.items()}
