@@ -114,6 +114,10 @@ class PreferenceArguments:
     label_smoothing: float = field(
         default=0.0, metadata={"help": "robust (cDPO): probability that a label is flipped."}
     )
+    rpo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an NLL term on the chosen replies (RPO); 0 turns it off."},
+    )
     chunked_logps: bool = field(
         default=True,
         metadata={

@@ -36,6 +36,17 @@ DPO_DEFAULTS = {
 }
 
 
+def training_defaults(overrides: dict | None = None) -> dict:
+    """preftune's defaults for a training command; on a machine without a GPU, train on the CPU
+    (so --bf16 means bf16 autocast on the CPU instead of an error)."""
+    import torch
+
+    defaults = dict(DPO_DEFAULTS)
+    if not torch.cuda.is_available():
+        defaults["use_cpu"] = True
+    return defaults | (overrides or {})
+
+
 def _usage() -> str:
     lines = ["usage: preftune COMMAND [flags]   (preftune COMMAND --help for its flags)", "", "commands:"]
     lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
@@ -62,7 +73,7 @@ def cmd_dpo(argv: list[str]) -> int:
     model_args, data_args, pref_args, training_args = parse_command_args(
         (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments),
         argv,
-        defaults=DPO_DEFAULTS,
+        defaults=training_defaults(),
         prog="preftune dpo",
     )
     result = run_dpo(model_args, data_args, pref_args, training_args)

@@ -39,6 +39,8 @@ class DPOResult:
     reference_mode: str
     n_train: int
     n_eval: int
+    trainer: PreferenceTrainer  # holds the trained policy, for callers that evaluate it further
+    held_out: list[dict]  # tokenized held-out pairs
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -216,4 +218,6 @@ def run_dpo(
         reference_mode=prepared.reference_mode,
         n_train=len(train),
         n_eval=len(held_out),
+        trainer=trainer,
+        held_out=held_out,
     )

