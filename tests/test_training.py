@@ -1,0 +1,386 @@
+"""Training end to end on a tiny random Llama: the loss goes down, what is saved reloads to the same
+model, resume continues where it stopped, metrics are logged, the run folder is complete, and
+precomputed reference log-probs give the same numbers as on-the-fly ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import PAIRS
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+
+from preftune.cli.arguments import parse_command_args
+from preftune.cli.main import DPO_DEFAULTS
+from preftune.config import DataArguments, ModelArguments, PreferenceArguments
+from preftune.models.prepare import REFERENCE_ADAPTER
+from preftune.training import dpo
+from preftune.training.logprobs import sequence_logps
+
+ARG_TYPES = (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments)
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dpo_args(model: Path | str, data: Path, out: Path, *extra: str):
+    """Parsed (model, data, preference, training) arguments for a short, quiet run; `extra` overrides."""
+    argv = [
+        "--model_name_or_path", str(model),
+        "--dataset_name", str(data),
+        "--output_dir", str(out),
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--save_strategy", "no",
+        "--eval_strategy", "no",
+        "--logging_steps", "1",
+        "--max_steps", "2",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+    return parse_command_args(ARG_TYPES, argv, defaults=DPO_DEFAULTS)
+
+
+def run_capturing(args, on_build=None):
+    """run_dpo, also returning the trainer it built; `on_build(trainer)` runs before training starts."""
+    captured = {}
+    real_build = dpo.build_trainer
+
+    def build(prepared, *a, **kw):
+        trainer = real_build(prepared, *a, **kw)
+        captured["trainer"] = trainer
+        if on_build is not None:
+            on_build(trainer)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dpo, "build_trainer", build)
+        result = dpo.run_dpo(*args)
+    return result, captured["trainer"]
+
+
+def collate_all(trainer) -> dict[str, torch.Tensor]:
+    """Every training pair as one fixed batch (without precomputed reference values)."""
+    features = [
+        {k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in trainer.train_dataset
+    ]
+    return trainer.data_collator(features)
+
+
+def batch_loss(trainer, batch) -> float:
+    """The preference loss of the current policy on `batch`, in eval mode (no dropout), no grad."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        loss, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
+    finally:
+        model.train(was_training)
+    return loss.item()
+
+
+@torch.no_grad()
+def logps(model, batch) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).logps
+    finally:
+        model.train(was_training)
+
+
+def load_base(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+class StepRecorder(TrainerCallback):
+    """The global step at the start of every optimizer step."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, data_file):
+    """One LoRA DPO run with evaluation and a final checkpoint, shared by the tests below."""
+    out = tmp_path_factory.mktemp("lora-run")
+    start = {}
+
+    def before_training(trainer):
+        start["batch"] = collate_all(trainer)
+        start["loss"] = batch_loss(trainer, start["batch"])
+
+    args = dpo_args(
+        tiny_model_dir, data_file, out,
+        "--use_peft_lora",
+        "--test_size", "2",
+        "--max_steps", "6",
+        "--learning_rate", "1e-2",
+        "--eval_strategy", "steps", "--eval_steps", "3",
+        "--save_strategy", "steps", "--save_steps", "6",
+    )  # fmt: skip
+    result, trainer = run_capturing(args, on_build=before_training)
+    return {"out": out, "result": result, "trainer": trainer, **start}
+
+
+# --------------------------------------------------------------------------- the loss goes down
+
+
+def test_dpo_steps_lower_the_loss_on_a_fixed_batch(lora_run):
+    # A new LoRA starts as the reference: every log-ratio is 0 and the sigmoid loss is log 2.
+    assert lora_run["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    after = batch_loss(lora_run["trainer"], lora_run["batch"])
+    assert after < lora_run["loss"] - 0.05, (lora_run["loss"], after)
+
+
+def test_ipo_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, data_file, tmp_path):
+    start = {}
+
+    def before_training(trainer):
+        start["batch"] = collate_all(trainer)
+        start["loss"] = batch_loss(trainer, start["batch"])
+
+    args = dpo_args(
+        tiny_model_dir, data_file, tmp_path / "ipo",
+        "--use_peft_lora", "--loss_type", "ipo", "--beta", "0.5",
+        "--per_device_train_batch_size", "8", "--max_steps", "4", "--learning_rate", "1e-2",
+    )  # fmt: skip
+    _, trainer = run_capturing(args, on_build=before_training)
+    # IPO at log-ratio 0: (0 - 1 / (2 tau))^2 = 1 with tau (--beta) 0.5.
+    assert start["loss"] == pytest.approx(1.0, abs=1e-5)
+    after = batch_loss(trainer, start["batch"])
+    assert after < 0.8 * start["loss"], (start["loss"], after)
+
+
+# --------------------------------------------------------------------------- saved = in memory
+
+
+def test_saved_adapter_reloads_to_the_same_log_probs(lora_run, tiny_model_dir):
+    from peft import PeftModel
+
+    batch = lora_run["batch"]
+    in_memory = logps(lora_run["trainer"].model, batch)
+    reloaded = PeftModel.from_pretrained(load_base(tiny_model_dir), str(lora_run["out"])).eval()
+    torch.testing.assert_close(logps(reloaded, batch), in_memory, rtol=0, atol=1e-5)
+    # ... and that is the trained policy, not the base model.
+    assert (logps(load_base(tiny_model_dir), batch) - in_memory).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------- metrics and run folder
+
+
+def test_reward_metrics_are_logged_for_train_and_eval(lora_run):
+    history = trainer_state(lora_run["out"] / "checkpoint-6")["log_history"]
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in train] == list(range(1, 7))
+    assert [h["step"] for h in evals] == [3, 6]
+    for entry in train:
+        missing = [m for m in METRICS if m not in entry]
+        assert not missing, f"step {entry['step']} lacks {missing}"
+    for entry in evals:
+        missing = [f"eval_{m}" for m in METRICS if f"eval_{m}" not in entry]
+        assert not missing, f"eval at step {entry['step']} lacks {missing}"
+    for entry in train + evals:
+        p = "eval_" if "eval_loss" in entry else ""
+        assert 0.0 <= entry[f"{p}rewards/accuracies"] <= 1.0
+        margin = entry[f"{p}rewards/chosen"] - entry[f"{p}rewards/rejected"]
+        assert entry[f"{p}rewards/margins"] == pytest.approx(margin, abs=1e-4)
+        assert entry[f"{p}logps/chosen"] < 0 and entry[f"{p}logps/rejected"] < 0
+    # The returned eval metrics are those of the final evaluation.
+    final = lora_run["result"].eval_metrics
+    assert all(f"eval_{m}" in final for m in METRICS)
+
+
+def test_run_folder_is_complete(lora_run, data_file):
+    out = lora_run["out"]
+    config = yaml.safe_load((out / dpo.RUN_CONFIG_FILE).read_text())
+    assert list(config) == ["model", "data", "preference", "training"]
+    assert config["model"]["use_peft_lora"] is True
+    assert config["data"]["dataset_name"] == str(data_file)
+    assert config["preference"]["beta"] == 0.1 and config["preference"]["loss_type"] == "sigmoid"
+    assert config["training"]["max_steps"] == 6 and config["training"]["learning_rate"] == 1e-2
+
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists(), "a LoRA run saves the adapter, not the whole model"
+    assert not (out / REFERENCE_ADAPTER).exists()
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.pad_token is not None
+    assert len(tokenizer) == len(lora_run["trainer"].processing_class)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model_dir, data_file, tmp_path):
+    """4 steps + resume to 6 == 6 steps straight.
+
+    The LR schedule is constant: with the default linear decay the interrupted run's first 4 steps are
+    scheduled for max_steps=4, so its learning rates (and weights) legitimately differ from a 6-step run's.
+    Data order and dropout are reproducible: the sampler is seeded per epoch and the checkpoint holds the
+    RNG states.
+    """
+    common = ("--use_peft_lora", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant")
+    resumed_dir, straight_dir = tmp_path / "resumed", tmp_path / "straight"
+
+    first = dpo_args(
+        tiny_model_dir, data_file, resumed_dir, *common,
+        "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+    )  # fmt: skip
+    dpo.run_dpo(*first)
+    assert trainer_state(resumed_dir / "checkpoint-4")["global_step"] == 4
+    history_4 = trainer_state(resumed_dir / "checkpoint-4")["log_history"]
+
+    recorder = StepRecorder()
+    second = dpo_args(
+        tiny_model_dir, data_file, resumed_dir, *common,
+        "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+        "--resume_from_checkpoint", "true",
+    )  # fmt: skip
+    run_capturing(second, on_build=lambda trainer: trainer.add_callback(recorder))
+    assert recorder.steps == [4, 5], "the resumed run must start at step 4 and run steps 5 and 6 only"
+    state = trainer_state(resumed_dir / "checkpoint-6")
+    assert state["global_step"] == 6
+    history = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[:4] == [h for h in history_4 if "loss" in h], "the log history must continue, not restart"
+
+    straight = dpo_args(tiny_model_dir, data_file, straight_dir, *common, "--max_steps", "6")
+    _, straight_trainer = run_capturing(straight)
+
+    straight_losses = [h["loss"] for h in straight_trainer.state.log_history if "loss" in h]
+    assert [h["loss"] for h in history] == pytest.approx(straight_losses, abs=1e-4)
+    a = load_file(str(resumed_dir / "adapter_model.safetensors"))
+    b = load_file(str(straight_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, data_file, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    args = dpo_args(tiny_model_dir, data_file, empty, "--use_peft_lora", "--resume_from_checkpoint", "true")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        dpo.run_dpo(*args)
+
+
+# --------------------------------------------------------------------------- precomputed reference
+
+
+@pytest.mark.parametrize(
+    "lora_dropout",
+    [
+        "0",
+        pytest.param(
+            "0.05",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="src bug: precompute_reference_logps draws from torch's global RNG (each DataLoader "
+                "iterator takes a base seed), so with LoRA dropout the training run after it gets other dropout "
+                "masks than without --precompute_ref_log_probs; fix: torch.random.fork_rng() around the "
+                "precompute loop (trainer.py) or set_seed(training_args.seed) after it (dpo.py)",
+            ),
+        ),
+    ],
+    ids=["no-dropout", "default-dropout"],
+)
+def test_precomputed_reference_gives_the_same_metrics(lora_dropout, tiny_model_dir, data_file, tmp_path):
+    common = (
+        "--use_peft_lora", "--lora_dropout", lora_dropout,
+        "--test_size", "2", "--do_eval", "true", "--learning_rate", "1e-2", "--max_steps", "2",
+    )  # fmt: skip
+    on_the_fly, otf_trainer = run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "otf", *common))
+    precomputed, pre_trainer = run_capturing(
+        dpo_args(tiny_model_dir, data_file, tmp_path / "pre", *common, "--precompute_ref_log_probs", "true")
+    )
+    assert precomputed.reference_mode == "adapter_disabled"
+    # The reference values really were precomputed and travelled with the data.
+    assert all("ref_chosen_logps" in f and "ref_rejected_logps" in f for f in pre_trainer.train_dataset)
+    assert all("ref_chosen_logps" in f for f in pre_trainer.eval_dataset)
+    assert not any("ref_chosen_logps" in f for f in otf_trainer.train_dataset)
+
+    def comparable(metrics):
+        return {
+            k: v
+            for k, v in metrics.items()
+            if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+        }
+
+    expected = comparable(on_the_fly.eval_metrics)
+    assert {f"eval_{m}" for m in METRICS} | {"eval_loss"} <= expected.keys()
+    assert comparable(precomputed.eval_metrics) == pytest.approx(expected, abs=1e-4)
+    train_losses = [
+        [h["loss"] for h in t.state.log_history if "loss" in h] for t in (otf_trainer, pre_trainer)
+    ]
+    assert train_losses[1] == pytest.approx(train_losses[0], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize(
+    "use_reentrant",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="src bug: dpo._configure_training_args sets args.gradient_checkpointing_kwargs after "
+                "TrainingArguments.__post_init__, but transformers 5 reads activation_checkpointing_kwargs "
+                "(the old name is only mirrored at init), so --use_reentrant is silently ignored; fix: set "
+                "args.activation_checkpointing_kwargs (merged with any user kwargs) as well",
+            ),
+        ),
+    ],
+)
+def test_gradient_checkpointing_uses_the_use_reentrant_flag(
+    use_reentrant, tiny_model_dir, data_file, tmp_path
+):
+    args = dpo_args(
+        tiny_model_dir, data_file, tmp_path / "gc",
+        "--use_peft_lora", "--max_steps", "1",
+        "--gradient_checkpointing", "true", "--use_reentrant", str(use_reentrant).lower(),
+    )  # fmt: skip
+    result, trainer = run_capturing(args)
+    assert torch.isfinite(torch.tensor(result.train_metrics["train_loss"]))
+    funcs = [
+        m._gradient_checkpointing_func
+        for m in trainer.model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    ]
+    assert funcs, "gradient checkpointing is not enabled on any layer"
+    assert all(f.keywords.get("use_reentrant") is use_reentrant for f in funcs), [f.keywords for f in funcs]
