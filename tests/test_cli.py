@@ -106,10 +106,7 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 RECIPE_FILES = sorted(RECIPES.glob("**/*.y*ml")) if RECIPES.is_dir() else []
 # Recipes known not to parse, with the reason (strict: the test fails once they are fixed, so the mark goes).
-KNOWN_BROKEN = {
-    "mistral-7b-qlora-dpo.yaml": "recipe bug: `warmup_ratio` is not a flag in transformers 5 (TrainingArguments "
-    "dropped it); fix: `warmup_steps: 0.1` (a float below 1 is a ratio of the total steps)",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 def _recipe_param(path: Path):
@@ -250,11 +247,6 @@ def test_cli_missing_model_names_the_path(cli):
     assert "--model_name_or_path" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: cli/main.py prints the error with rich's console.print, which wraps it at the terminal "
-    "width (80 columns in a pipe); fix: console.print(..., highlight=False, soft_wrap=True)",
-)
 @pytest.mark.parametrize("case", ["bad_flag", "missing_data", "unknown_format", "missing_model"])
 def test_cli_error_is_one_line(cli, case):
     stderr = cli[case].stderr
@@ -311,12 +303,6 @@ def test_bad_flag_value_exits_2_naming_the_flag(capsys):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a bad flag *value* (e.g. --beta abc) reaches argparse's parser.error, which prints the "
-    "whole ~150-line usage before the error; fix: in cli/arguments.py subclass HfArgumentParser with "
-    "error() raising UsageError (then main() prints one line)",
-)
 def test_bad_flag_value_is_one_line(capsys):
     run_main(["dpo", "--beta", "abc"])
     err = capsys.readouterr().err

@@ -411,11 +411,6 @@ def test_missing_base_of_an_adapter_names_the_base_path(sft_adapter, tmp_path):
         prepare_models(ModelArguments(model_name_or_path=str(adapter)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: an existing folder without config.json (not a model) gets transformers' tokenizer error, "
-    "which does not name the folder; resolve_model_path/prepare_models should check for config.json",
-)
 def test_folder_that_is_not_a_model_names_the_path(tmp_path):
     folder = tmp_path / "just-a-folder"
     folder.mkdir()

@@ -304,16 +304,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, data_file,
     "lora_dropout",
     [
         "0",
-        pytest.param(
-            "0.05",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: precompute_reference_logps draws from torch's global RNG (each DataLoader "
-                "iterator takes a base seed), so with LoRA dropout the training run after it gets other dropout "
-                "masks than without --precompute_ref_log_probs; fix: torch.random.fork_rng() around the "
-                "precompute loop (trainer.py) or set_seed(training_args.seed) after it (dpo.py)",
-            ),
-        ),
+        "0.05",
     ],
     ids=["no-dropout", "default-dropout"],
 )
@@ -355,16 +346,7 @@ def test_precomputed_reference_gives_the_same_metrics(lora_dropout, tiny_model_d
     "use_reentrant",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: dpo._configure_training_args sets args.gradient_checkpointing_kwargs after "
-                "TrainingArguments.__post_init__, but transformers 5 reads activation_checkpointing_kwargs "
-                "(the old name is only mirrored at init), so --use_reentrant is silently ignored; fix: set "
-                "args.activation_checkpointing_kwargs (merged with any user kwargs) as well",
-            ),
-        ),
+        True,
     ],
 )
 def test_gradient_checkpointing_uses_the_use_reentrant_flag(

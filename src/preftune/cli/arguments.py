@@ -20,6 +20,17 @@ class UsageError(ValueError):
     """A bad flag, config key or config file: the message says which."""
 
 
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises UsageError (one line) instead of printing usage and exiting,
+    and that does not accept abbreviated flags (--bet would silently mean --beta)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 def _known_flags(parser: HfArgumentParser) -> list[str]:
     return sorted(
         {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
@@ -95,7 +106,7 @@ def parse_command_args(
     prog: str = "preftune",
 ) -> tuple[Any, ...]:
     """Parse defaults + config file + command-line flags into instances of `dataclass_types`."""
-    parser = HfArgumentParser(
+    parser = _Parser(
         dataclass_types,
         prog=prog,
         description="--config FILE: a YAML/JSON file of flag values; flags on the command line override it.",

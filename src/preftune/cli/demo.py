@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--n_train", type=int, default=128, help="training pairs")
     parser.add_argument("--n_test", type=int, default=64, help="held-out pairs and prompts")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--judge", default=None, help="rule judge spec (default: the demo data's json_answer)")
     return parser
 
@@ -95,8 +96,11 @@ def main(argv: list[str]) -> int:
     result = run_dpo(model_args, data_args, pref_args, training_args)
 
     console.print("[bold]3/3[/bold] evaluating on held-out prompts, before (reference) and after (tuned)")
-    policy = result.trainer.accelerator.unwrap_model(result.trainer.model)
+    policy = result.trainer.accelerator.unwrap_model(result.trainer.model, keep_fp32_wrapper=False)
     tokenizer = result.trainer.processing_class
+    if training_args.bf16:
+        # The adapter is saved; evaluate in bf16 too (several times faster on CPUs with bf16 units).
+        policy.to(torch.bfloat16)
     judge = get_rule_judge(args.judge or DEMO_JUDGE_SPEC)
     prompts = [row["prompt"] for row in test_rows]
     references = [row["chosen"] for row in test_rows]

@@ -116,5 +116,5 @@ def main(argv: list[str] | None = None) -> None:
         # PREFTUNE_DEBUG=1 shows the traceback for bug reports.
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
-        console.print(f"[red]preftune {command}: error:[/red] {err}", highlight=False)
+        console.print(f"[red]preftune {command}: error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -40,7 +40,7 @@ class ModelPathError(ValueError):
 class PreparedModels:
     model: torch.nn.Module  # the policy (a PeftModel for LoRA runs)
     tokenizer: PreTrainedTokenizerBase
-    reference_mode: str  # "adapter_disabled" | "reference_adapter" | "model_copy"
+    reference_mode: str  # "adapter_disabled" | "reference_adapter" | "model_copy" | "none"
     reference_model: torch.nn.Module | None = None  # only for "model_copy"
     base_model_name_or_path: str = ""
 
@@ -55,6 +55,11 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     )
     if looks_local and not path.exists():
         raise ModelPathError(f"--model_name_or_path: no such folder: {model_name_or_path}")
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ModelPathError(
+            f"--model_name_or_path: {model_name_or_path} has neither config.json (a model) nor "
+            "adapter_config.json (a PEFT adapter)"
+        )
     return str(path) if path.exists() else model_name_or_path
 
 
@@ -148,8 +153,14 @@ def _prepare_for_kbit(
     )
 
 
-def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -> PreparedModels:
-    """Load policy + tokenizer and decide how the reference is computed (see the module table)."""
+def prepare_models(
+    args: ModelArguments, gradient_checkpointing: bool = False, with_reference: bool = True
+) -> PreparedModels:
+    """Load policy + tokenizer and decide how the reference is computed (see the module table).
+
+    with_reference=False (SFT): build no reference that costs memory, neither a frozen model copy
+    nor a second adapter (reference_mode "none"); a new LoRA keeps "adapter_disabled", which is free.
+    """
     from peft import PeftModel, get_peft_model
 
     quantized = args.use_4bit_quantization or args.use_8bit_quantization
@@ -173,6 +184,8 @@ def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -
         if quantized:
             base = _prepare_for_kbit(base, gradient_checkpointing, args.use_reentrant)
         model = PeftModel.from_pretrained(base, model_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        if not with_reference:
+            return PreparedModels(model, tokenizer, "none", base_model_name_or_path=base_path)
         model.load_adapter(model_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter(POLICY_ADAPTER)
         freeze_adapter(model, REFERENCE_ADAPTER)
@@ -190,6 +203,8 @@ def prepare_models(args: ModelArguments, gradient_checkpointing: bool = False) -
         model = get_peft_model(base, _lora_config(args))
         return PreparedModels(model, tokenizer, "adapter_disabled", base_model_name_or_path=model_path)
 
+    if not with_reference:
+        return PreparedModels(base, tokenizer, "none", base_model_name_or_path=model_path)
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     return PreparedModels(
         base, tokenizer, "model_copy", reference_model=reference, base_model_name_or_path=model_path

@@ -109,7 +109,11 @@ def _configure_training_args(args: TrainingArguments, model_args: ModelArguments
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": model_args.use_reentrant}
+        # transformers 5 reads activation_checkpointing_kwargs (the old name is copied only at init)
+        kwargs = {**(getattr(args, "activation_checkpointing_kwargs", None) or {}), "use_reentrant": model_args.use_reentrant}
+        args.gradient_checkpointing_kwargs = kwargs
+        if hasattr(args, "activation_checkpointing_kwargs"):
+            args.activation_checkpointing_kwargs = kwargs
     if not has_eval and args.eval_strategy != "no":
         logger.warning("no held-out split: evaluation during training is off")
         args.eval_strategy = "no"
@@ -209,7 +213,9 @@ def run_dpo(
                 training_args.output_dir,
             )
         raise
-    eval_metrics = trainer.evaluate() if held_out else {}
+    # --eval_strategy no (and no --do_eval) skips the final evaluation too, e.g. for the demo,
+    # which scores the held-out pairs itself.
+    eval_metrics = trainer.evaluate() if held_out and training_args.do_eval else {}
     save_policy(trainer, prepared, training_args.output_dir)
     return DPOResult(
         output_dir=training_args.output_dir,

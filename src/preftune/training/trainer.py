@@ -118,13 +118,16 @@ class PreferenceTrainer(Trainer):
         batch_size = self.args.per_device_eval_batch_size
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         position = 0
-        for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
-            batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
-            chosen, rejected = self.reference_logps(self.model, batch)
-            for c, r in zip(chosen.tolist(), rejected.tolist()):
-                dataset[position]["ref_chosen_logps"] = c
-                dataset[position]["ref_rejected_logps"] = r
-                position += 1
+        # A DataLoader draws from the global RNG: fork it, so precomputing does not change the
+        # shuffling and dropout of the training run that follows.
+        with torch.random.fork_rng(devices=[]):
+            for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
+                batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
+                chosen, rejected = self.reference_logps(self.model, batch)
+                for c, r in zip(chosen.tolist(), rejected.tolist()):
+                    dataset[position]["ref_chosen_logps"] = c
+                    dataset[position]["ref_rejected_logps"] = r
+                    position += 1
 
     # ---- loss and metrics -------------------------------------------------------------------
 
