@@ -113,11 +113,16 @@ def main(argv: list[str]) -> int:
 
     before_pass = judge_replies(judge, prompts, before_replies, references)
     after_pass = judge_replies(judge, prompts, after_replies, references)
+    correct = get_rule_judge("json_answer_correct")  # the format AND the right fact
+    before_correct = judge_replies(correct, prompts, before_replies, references)
+    after_correct = judge_replies(correct, prompts, after_replies, references)
     summary = {
         "judge": judge.name if hasattr(judge, "name") else str(judge),
         "n_prompts": len(prompts),
         "pass_rate_before": sum(before_pass) / len(prompts),
         "pass_rate_after": sum(after_pass) / len(prompts),
+        "correct_rate_before": sum(before_correct) / len(prompts),
+        "correct_rate_after": sum(after_correct) / len(prompts),
         "likelihood_accuracy_before": before_scores.likelihood_accuracy(),
         "likelihood_accuracy_after": after_scores.likelihood_accuracy(),
         "reward_accuracy_after": implicit_reward_accuracy(after_scores, before_scores),
@@ -137,6 +142,7 @@ def _print_summary(console: Console, s: dict, out: Path) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_row(f"rule-judged pass rate ({s['judge']}, greedy)", f"{s['pass_rate_before']:.0%}", f"{s['pass_rate_after']:.0%}")
+    table.add_row("... and the answer is right (json_answer_correct)", f"{s['correct_rate_before']:.0%}", f"{s['correct_rate_after']:.0%}")
     table.add_row("log p(chosen) > log p(rejected)", f"{s['likelihood_accuracy_before']:.0%}", f"{s['likelihood_accuracy_after']:.0%}")
     table.add_row("implicit-reward accuracy", "-", f"{s['reward_accuracy_after']:.0%}")
     console.print(table)
