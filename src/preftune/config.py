@@ -128,3 +128,28 @@ class PreferenceArguments:
         default=False,
         metadata={"help": "Compute the reference log-probs once before training instead of every step."},
     )
+
+
+@dataclass
+class SFTArguments:
+    """Knobs of `preftune sft` beyond the model, data and Trainer flags."""
+
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Train on the assistant replies only; false: on every token (prompts and templates too)."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack short examples into rows of --max_seq_length tokens (attention never crosses "
+            "examples: position ids restart at each one)."
+        },
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the LM head to loss tokens only, in chunks (lean memory); false: full logits."
+        },
+    )

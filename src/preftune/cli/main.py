@@ -2,6 +2,9 @@
 
 Commands:
   dpo    preference-tune a model (DPO, IPO, hinge, KTO-pair, robust) on preference pairs
+  sft    supervised fine-tuning (full, LoRA, QLoRA) on conversations or chosen replies
+  merge  merge a LoRA adapter into its base and save a standalone model
+  pipeline  run a multi-stage recipe (e.g. SFT then DPO), skipping finished stages
   demo   a complete small run on the embedded model: data, DPO, before/after evaluation
   chat   chat with a model or a trained run folder in the terminal
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -20,6 +24,9 @@ COMMANDS = {
     "dpo": "preference-tune a model on (prompt, chosen, rejected) pairs",
     "demo": "a small end-to-end run on the embedded model, with before/after evaluation",
     "chat": "chat with a model or a run folder in the terminal",
+    "sft": "supervised fine-tuning on conversations, completions, text or chosen replies",
+    "merge": "merge a LoRA adapter into its base model and save a standalone model",
+    "pipeline": "run a multi-stage recipe (e.g. SFT then DPO), skipping stages already finished",
 }
 
 DPO_DEFAULTS = {
@@ -60,6 +67,10 @@ def _setup_logging() -> None:
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
     )
     logging.getLogger("preftune").setLevel(logging.INFO)
+    # Known noise that says nothing to a user: bitsandbytes' optional CPU kernel download (which
+    # would need the Hub) and a transformers deprecation raised inside peft.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def cmd_dpo(argv: list[str]) -> int:
@@ -93,7 +104,32 @@ def cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-HANDLERS = {"dpo": cmd_dpo, "demo": cmd_demo, "chat": cmd_chat}
+def cmd_sft(argv: list[str]) -> int:
+    from preftune.cli.sft import main as sft_main
+
+    return sft_main(argv)
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from preftune.cli.merge import main as merge_main
+
+    return merge_main(argv)
+
+
+def cmd_pipeline(argv: list[str]) -> int:
+    from preftune.cli.pipeline import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
+HANDLERS = {
+    "dpo": cmd_dpo,
+    "demo": cmd_demo,
+    "chat": cmd_chat,
+    "sft": cmd_sft,
+    "merge": cmd_merge,
+    "pipeline": cmd_pipeline,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,13 @@ from rich.table import Table
 
 from preftune.training.pipeline import StageCommand, StageOutcome, parse_pipeline, run_pipeline
 
-SHOWN_METRICS = ("eval_loss", "eval_perplexity", "eval_rewards/accuracies", "eval_rewards/margins", "train_loss")
+SHOWN_METRICS = (
+    "eval_loss",
+    "eval_perplexity",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "train_loss",
+)
 
 
 def _stage_command(
@@ -30,7 +36,9 @@ def _stage_command(
     known = _known_flags(HfArgumentParser(arg_types))
 
     def parse(args: dict[str, Any]) -> tuple:
-        return parse_command_args(arg_types, config_to_flags(args, known, prog), defaults=defaults(), prog=prog)
+        return parse_command_args(
+            arg_types, config_to_flags(args, known, prog), defaults=defaults(), prog=prog
+        )
 
     def run_stage(args: dict[str, Any]) -> dict[str, float]:
         result = run(*parse(args))

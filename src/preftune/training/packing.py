@@ -80,7 +80,9 @@ class SFTCollator:
         for f in features:
             ids, n_pad = list(f["input_ids"]), length - len(f["input_ids"])
             input_ids.append(ids + [self.pad_token_id] * n_pad)
-            labels.append([t if m else IGNORE_INDEX for t, m in zip(ids, f["loss_mask"])] + [IGNORE_INDEX] * n_pad)
+            labels.append(
+                [t if m else IGNORE_INDEX for t, m in zip(ids, f["loss_mask"])] + [IGNORE_INDEX] * n_pad
+            )
             if self.padding_free:
                 extra.append(packed_position_ids(f.get("seq_lengths", [len(ids)]), length))
             else:
@@ -90,5 +92,7 @@ class SFTCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "n_tokens": torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.long),
         }
-        batch["position_ids" if self.padding_free else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
+        batch["position_ids" if self.padding_free else "attention_mask"] = torch.tensor(
+            extra, dtype=torch.long
+        )
         return batch

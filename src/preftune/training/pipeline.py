@@ -120,7 +120,9 @@ def stage_arguments(
     overrides = dict(overrides or {})
     for stage in pipeline.stages:
         if stage.command not in commands:
-            raise ValueError(f"stage {stage.name!r}: unknown command {stage.command!r} ({', '.join(commands)})")
+            raise ValueError(
+                f"stage {stage.name!r}: unknown command {stage.command!r} ({', '.join(commands)})"
+            )
     all_keys = sorted(set().union(*(commands[s.command].known_keys for s in pipeline.stages)))
     for origin, values in (("top-level key", pipeline.shared), ("override", overrides)):
         for key in values:
@@ -169,10 +171,14 @@ def run_pipeline(
         if marker is not None and not upstream_ran:
             if marker.get("args") != args:
                 logger.warning(
-                    "stage %s finished earlier with other flags; delete %s to run it again", stage.name, stage_dir
+                    "stage %s finished earlier with other flags; delete %s to run it again",
+                    stage.name,
+                    stage_dir,
                 )
             logger.info("stage %s: already finished (%s), skipped", stage.name, stage_dir / STAGE_MARKER)
-            outcomes.append(StageOutcome(stage.name, stage.command, str(stage_dir), "skipped", marker["metrics"], 0.0))
+            outcomes.append(
+                StageOutcome(stage.name, stage.command, str(stage_dir), "skipped", marker["metrics"], 0.0)
+            )
             continue
         if marker is not None:
             logger.info("stage %s: an earlier stage ran again, so it runs again too", stage.name)

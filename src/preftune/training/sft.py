@@ -72,7 +72,9 @@ def token_stats(
     targets = labels[:, 1:]
     predict = targets != IGNORE_INDEX
     targets = targets[predict]
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    inputs = dict(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     if not (chunked and supports_chunked_logps(model)):
         logits = model(**inputs).logits[:, :-1][predict]
         nll, correct = _chunk_stats(logits, targets, torch.nn.Identity(), None)
@@ -172,7 +174,9 @@ class SFTTrainer(Trainer):
     def _reduced_sums(self, split: str) -> dict[str, float]:
         """This split's sums since the last log, over every process; then reset."""
         sums = self._sums[split]
-        values = torch.tensor([sums["nll"], sums["targets"], sums["correct"], sums["tokens"]], dtype=torch.float64)
+        values = torch.tensor(
+            [sums["nll"], sums["targets"], sums["correct"], sums["tokens"]], dtype=torch.float64
+        )
         values = self.accelerator.reduce(values.to(self.args.device), "sum").tolist()
         self._sums[split] = self._zero_sums()
         return dict(zip(("nll", "targets", "correct", "tokens"), values))
@@ -255,7 +259,9 @@ def build_sft_trainer(
     return SFTTrainer(
         model=prepared.model,
         args=training_args,
-        data_collator=SFTCollator(pad_token_id=prepared.tokenizer.pad_token_id, padding_free=sft_args.packing),
+        data_collator=SFTCollator(
+            pad_token_id=prepared.tokenizer.pad_token_id, padding_free=sft_args.packing
+        ),
         train_dataset=train,
         eval_dataset=held_out or None,
         processing_class=prepared.tokenizer,
@@ -281,13 +287,20 @@ def run_sft(
     if sft_args.packing:
         train = pack_examples(train, data_args.max_seq_length)
         held_out = pack_examples(held_out, data_args.max_seq_length) if held_out else []
-        logger.info("packed %d training examples into %d rows of <= %d tokens", n_examples, len(train), data_args.max_seq_length)
+        logger.info(
+            "packed %d training examples into %d rows of <= %d tokens",
+            n_examples,
+            len(train),
+            data_args.max_seq_length,
+        )
     logger.info("%d training rows, %d held-out rows", len(train), len(held_out))
 
     _configure_training_args(training_args, model_args, has_eval=bool(held_out))
     trainer = build_sft_trainer(prepared, sft_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
-        save_run_config(training_args.output_dir, model=model_args, data=data_args, sft=sft_args, training=training_args)
+        save_run_config(
+            training_args.output_dir, model=model_args, data=data_args, sft=sft_args, training=training_args
+        )
 
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
