@@ -104,7 +104,14 @@ def test_missing_or_malformed_config_file(tmp_path):
 # --------------------------------------------------------------------------- recipes
 
 
-RECIPE_FILES = sorted(RECIPES.glob("**/*.y*ml")) if RECIPES.is_dir() else []
+def _is_single_command_recipe(path: Path) -> bool:
+    """Multi-stage pipeline recipes (a `stages` list) are parsed by the pipeline's own tests."""
+    return "stages" not in (yaml.safe_load(path.read_text()) or {})
+
+
+RECIPE_FILES = (
+    sorted(p for p in RECIPES.glob("**/*.y*ml") if _is_single_command_recipe(p)) if RECIPES.is_dir() else []
+)
 # Recipes known not to parse, with the reason (strict: the test fails once they are fixed, so the mark goes).
 KNOWN_BROKEN: dict[str, str] = {}
 
