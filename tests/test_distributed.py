@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import PAIRS
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
