@@ -105,8 +105,10 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 
 def _is_single_command_recipe(path: Path) -> bool:
-    """Multi-stage pipeline recipes (a `stages` list) are parsed by the pipeline's own tests."""
-    return "stages" not in (yaml.safe_load(path.read_text()) or {})
+    """Multi-stage pipeline recipes (a `stages` list) are parsed by the pipeline's own tests, and
+    recipes/accelerate/ holds accelerate's launch configs, not preftune's."""
+    config = yaml.safe_load(path.read_text()) or {}
+    return "stages" not in config and "distributed_type" not in config
 
 
 RECIPE_FILES = (
