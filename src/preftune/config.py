@@ -89,8 +89,9 @@ class DataArguments:
     max_seq_length: int = field(
         default=512, metadata={"help": "Longest prompt + reply in tokens.", "aliases": ["--max_length"]}
     )
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Prompts are cut from the left to this many tokens."}
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Prompts are cut from the left to this many tokens (default: half of --max_seq_length)."},
     )
     on_bad_rows: str = field(
         default="error", metadata={"help": "error: stop at bad rows; skip: drop them and report."}
@@ -101,6 +102,15 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many held-out pairs."}
     )
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_seq_length // 2
+        if self.max_prompt_length >= self.max_seq_length:
+            raise ValueError(
+                f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_seq_length "
+                f"({self.max_seq_length}): the rest is the room for the reply"
+            )
 
 
 @dataclass
