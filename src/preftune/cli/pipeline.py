@@ -109,9 +109,9 @@ def print_outcomes(outcomes: list[StageOutcome], console: Console | None = None)
     console = console or Console()
     table = Table(title="preftune pipeline")
     for column in ("stage", "command", "status", "seconds", "key metrics", "output"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "key metrics", overflow="fold")
     for o in outcomes:
-        shown = ", ".join(f"{k}={o.metrics[k]:.4g}" for k in SHOWN_METRICS if k in o.metrics)
+        shown = "\n".join(f"{k}={o.metrics[k]:.4g}" for k in SHOWN_METRICS if k in o.metrics)
         table.add_row(o.name, o.command, o.status, f"{o.seconds:.0f}", shown, o.output_dir)
     console.print(table)
 
