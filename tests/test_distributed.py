@@ -31,30 +31,33 @@ def _losses(out: Path) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+# `--cpu` would start a single process unless MPI is installed; `--multi_gpu` starts the processes
+# with torchrun, and on a machine without a GPU they use the gloo backend.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _run(command: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("ddp")
     data = tmp / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in PAIRS * 4) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    two = tmp / "two" / "out"
+    two, two_precomputed, one = tmp / "two" / "out", tmp / "two-precomputed" / "out", tmp / "one"
     two.parent.mkdir()
-    # `--cpu` would start a single process unless MPI is installed; `--multi_gpu` starts the processes
-    # with torchrun, and on a machine without a GPU they use the gloo backend.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run(
-        [*launch, str(WORKER), *_dpo_flags(tiny_model_dir, data, two, per_device_batch=2)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    one = tmp / "one"
-    result = subprocess.run(
-        [sys.executable, "-m", "preftune", *_dpo_flags(tiny_model_dir, data, one, per_device_batch=4)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"two": two, "one": one, "tiny": tiny_model_dir}
+    two_precomputed.parent.mkdir()
+    _run([*LAUNCH, str(WORKER), *_dpo_flags(tiny_model_dir, data, two, per_device_batch=2)])
+    flags = _dpo_flags(tiny_model_dir, data, two_precomputed, per_device_batch=2) + [
+        "--precompute_ref_log_probs"
+    ]
+    _run([*LAUNCH, str(WORKER), *flags])
+    _run([sys.executable, "-m", "preftune", *_dpo_flags(tiny_model_dir, data, one, per_device_batch=4)])
+    return {"two": two, "two_precomputed": two_precomputed, "one": one, "tiny": tiny_model_dir}
 
 
 def test_two_processes_match_one_process_loss(runs):
@@ -62,6 +65,11 @@ def test_two_processes_match_one_process_loss(runs):
     assert len(two) == len(one) == 4
     assert two == pytest.approx(one, rel=LOSS_RTOL)
     assert two[-1] < two[0]  # and it really trained
+
+
+def test_reference_precomputed_across_processes_matches(runs):
+    # each process scores its shard of the pairs; the gathered log-probs give the same training
+    assert _losses(runs["two_precomputed"]) == pytest.approx(_losses(runs["one"]), rel=LOSS_RTOL)
 
 
 def test_adapter_from_two_processes_loads(runs):

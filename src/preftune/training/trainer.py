@@ -114,20 +114,27 @@ class PreferenceTrainer(Trainer):
             return self._logps(reference, batch)
 
     def precompute_reference_logps(self, dataset: list[dict], desc: str = "reference log-probs") -> None:
-        """One no-grad pass over `dataset`, storing the reference log-probs in each pair."""
+        """One no-grad pass over `dataset`, storing the reference log-probs in each pair.
+
+        Under several processes each one scores its shard and the results are gathered, so the
+        pass is done once in total, not once per process.
+        """
         batch_size = self.args.per_device_eval_batch_size
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        loader = self.accelerator.prepare_data_loader(loader)  # shards across processes, in order
         position = 0
         # A DataLoader draws from the global RNG: fork it, so precomputing does not change the
         # shuffling and dropout of the training run that follows.
         with torch.random.fork_rng(devices=[]):
             for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
                 batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
-                chosen, rejected = self.reference_logps(self.model, batch)
+                chosen, rejected = self.accelerator.gather_for_metrics(self.reference_logps(self.model, batch))
                 for c, r in zip(chosen.tolist(), rejected.tolist()):
                     dataset[position]["ref_chosen_logps"] = c
                     dataset[position]["ref_rejected_logps"] = r
                     position += 1
+        if position != len(dataset):
+            raise RuntimeError(f"reference precompute scored {position} of {len(dataset)} pairs")
 
     # ---- loss and metrics -------------------------------------------------------------------
 
