@@ -5,12 +5,15 @@ Commands:
   sft    supervised fine-tuning (full, LoRA, QLoRA) on conversations or chosen replies
   merge  merge a LoRA adapter into its base and save a standalone model
   pipeline  run a multi-stage recipe (e.g. SFT then DPO), skipping finished stages
+  eval   a run against its reference: held-out pairs, judged generations, win rate
+  report write a run's HTML report (curves, evaluation, samples)
   demo   a complete small run on the embedded model: data, DPO, before/after evaluation
   chat   chat with a model or a trained run folder in the terminal
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -27,6 +30,8 @@ COMMANDS = {
     "sft": "supervised fine-tuning on conversations, completions, text or chosen replies",
     "merge": "merge a LoRA adapter into its base model and save a standalone model",
     "pipeline": "run a multi-stage recipe (e.g. SFT then DPO), skipping stages already finished",
+    "eval": "a run against its reference: held-out pairs, judged generations, win rate",
+    "report": "write a run's HTML report: curves, evaluation, samples (RUN_DIR/report/report.html)",
 }
 
 DPO_DEFAULTS = {
@@ -51,12 +56,15 @@ def training_defaults(overrides: dict | None = None) -> dict:
     defaults = dict(DPO_DEFAULTS)
     if not torch.cuda.is_available():
         defaults["use_cpu"] = True
+    # TensorBoard logs by default when it is installed (--report_to none / wandb / ... override)
+    defaults["report_to"] = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     return defaults | (overrides or {})
 
 
 def _usage() -> str:
     lines = ["usage: preftune COMMAND [flags]   (preftune COMMAND --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
+    width = max(len(name) for name in COMMANDS)
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -122,6 +130,18 @@ def cmd_pipeline(argv: list[str]) -> int:
     return pipeline_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from preftune.cli.eval import main as eval_main
+
+    return eval_main(argv)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from preftune.cli.report import main as report_main
+
+    return report_main(argv)
+
+
 HANDLERS = {
     "dpo": cmd_dpo,
     "demo": cmd_demo,
@@ -129,6 +149,8 @@ HANDLERS = {
     "sft": cmd_sft,
     "merge": cmd_merge,
     "pipeline": cmd_pipeline,
+    "eval": cmd_eval,
+    "report": cmd_report,
 }
 
 
