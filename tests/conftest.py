@@ -100,3 +100,57 @@ def pairs_file(tmp_path) -> Path:
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- short quiet runs
+
+
+def quiet_argv(model, data, out, *extra: str) -> list[str]:
+    """Flags for a short, quiet training run on `data`; `extra` overrides."""
+    return [
+        "--model_name_or_path", str(model),
+        "--dataset_name", str(data),
+        "--output_dir", str(out),
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--save_strategy", "no",
+        "--eval_strategy", "no",
+        "--logging_steps", "1",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def dpo_args(model, data, out, *extra: str):
+    """Parsed (model, data, preference, training) arguments for a 2-step quiet DPO run."""
+    from transformers import TrainingArguments
+
+    from preftune.cli.arguments import parse_command_args
+    from preftune.cli.main import DPO_DEFAULTS
+    from preftune.config import DataArguments, ModelArguments, PreferenceArguments
+
+    types = (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments)
+    return parse_command_args(
+        types, quiet_argv(model, data, out, "--max_steps", "2", *extra), defaults=DPO_DEFAULTS
+    )
+
+
+def run_capturing(args, on_build=None):
+    """run_dpo, also returning the trainer and prepared models it built; `on_build(trainer, prepared)`
+    runs before training starts."""
+    from preftune.training import dpo
+
+    captured = {}
+    real_build = dpo.build_trainer
+
+    def build(prepared, *a, **kw):
+        trainer = real_build(prepared, *a, **kw)
+        captured.update(trainer=trainer, prepared=prepared)
+        if on_build is not None:
+            on_build(trainer, prepared)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dpo, "build_trainer", build)
+        result = dpo.run_dpo(*args)
+    return result, captured["trainer"], captured["prepared"]

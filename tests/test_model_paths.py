@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PAIRS
+from conftest import PAIRS, dpo_args, run_capturing
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from preftune.cli.arguments import parse_command_args
-from preftune.cli.main import DPO_DEFAULTS
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template
 from preftune.models.prepare import (
@@ -42,42 +40,6 @@ requires_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not impor
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def dpo_args(model: Path | str, data: Path, out: Path, *extra: str):
-    """Parsed (model, data, preference, training) arguments for a short, quiet run; `extra` overrides."""
-    argv = [
-        "--model_name_or_path", str(model),
-        "--dataset_name", str(data),
-        "--output_dir", str(out),
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        "--save_strategy", "no",
-        "--eval_strategy", "no",
-        "--logging_steps", "1",
-        "--max_steps", "2",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
-    return parse_command_args(ARG_TYPES, argv, defaults=DPO_DEFAULTS)
-
-
-def run_capturing(args, on_build=None):
-    """run_dpo, also returning the trainer it built; `on_build(trainer, prepared)` runs before training."""
-    captured = {}
-    real_build = dpo.build_trainer
-
-    def build(prepared, *a, **kw):
-        trainer = real_build(prepared, *a, **kw)
-        captured.update(trainer=trainer, prepared=prepared)
-        if on_build is not None:
-            on_build(trainer, prepared)
-        return trainer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dpo, "build_trainer", build)
-        result = dpo.run_dpo(*args)
-    return result, captured["trainer"], captured["prepared"]
 
 
 def fixed_batch(tokenizer, data_file: Path, n: int = 4) -> dict[str, torch.Tensor]:

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PAIRS
+from conftest import PAIRS, dpo_args, run_capturing
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
-from preftune.cli.arguments import parse_command_args
-from preftune.cli.main import DPO_DEFAULTS
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.models.prepare import REFERENCE_ADAPTER
 from preftune.training import dpo
@@ -34,42 +32,6 @@ METRICS = (
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def dpo_args(model: Path | str, data: Path, out: Path, *extra: str):
-    """Parsed (model, data, preference, training) arguments for a short, quiet run; `extra` overrides."""
-    argv = [
-        "--model_name_or_path", str(model),
-        "--dataset_name", str(data),
-        "--output_dir", str(out),
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        "--save_strategy", "no",
-        "--eval_strategy", "no",
-        "--logging_steps", "1",
-        "--max_steps", "2",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
-    return parse_command_args(ARG_TYPES, argv, defaults=DPO_DEFAULTS)
-
-
-def run_capturing(args, on_build=None):
-    """run_dpo, also returning the trainer it built; `on_build(trainer)` runs before training starts."""
-    captured = {}
-    real_build = dpo.build_trainer
-
-    def build(prepared, *a, **kw):
-        trainer = real_build(prepared, *a, **kw)
-        captured["trainer"] = trainer
-        if on_build is not None:
-            on_build(trainer)
-        return trainer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dpo, "build_trainer", build)
-        result = dpo.run_dpo(*args)
-    return result, captured["trainer"]
 
 
 def collate_all(trainer) -> dict[str, torch.Tensor]:
@@ -136,7 +98,7 @@ def lora_run(tmp_path_factory, tiny_model_dir, data_file):
     out = tmp_path_factory.mktemp("lora-run")
     start = {}
 
-    def before_training(trainer):
+    def before_training(trainer, _prepared):
         start["batch"] = collate_all(trainer)
         start["loss"] = batch_loss(trainer, start["batch"])
 
@@ -149,7 +111,7 @@ def lora_run(tmp_path_factory, tiny_model_dir, data_file):
         "--eval_strategy", "steps", "--eval_steps", "3",
         "--save_strategy", "steps", "--save_steps", "6",
     )  # fmt: skip
-    result, trainer = run_capturing(args, on_build=before_training)
+    result, trainer, _ = run_capturing(args, on_build=before_training)
     return {"out": out, "result": result, "trainer": trainer, **start}
 
 
@@ -166,7 +128,7 @@ def test_dpo_steps_lower_the_loss_on_a_fixed_batch(lora_run):
 def test_ipo_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, data_file, tmp_path):
     start = {}
 
-    def before_training(trainer):
+    def before_training(trainer, _prepared):
         start["batch"] = collate_all(trainer)
         start["loss"] = batch_loss(trainer, start["batch"])
 
@@ -175,7 +137,7 @@ def test_ipo_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, data_file, tm
         "--use_peft_lora", "--loss_type", "ipo", "--beta", "0.5",
         "--per_device_train_batch_size", "8", "--max_steps", "4", "--learning_rate", "1e-2",
     )  # fmt: skip
-    _, trainer = run_capturing(args, on_build=before_training)
+    _, trainer, _ = run_capturing(args, on_build=before_training)
     # IPO at log-ratio 0: (0 - 1 / (2 tau))^2 = 1 with tau (--beta) 0.5.
     assert start["loss"] == pytest.approx(1.0, abs=1e-5)
     after = batch_loss(trainer, start["batch"])
@@ -269,7 +231,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model_dir, data_
         "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
         "--resume_from_checkpoint", "true",
     )  # fmt: skip
-    run_capturing(second, on_build=lambda trainer: trainer.add_callback(recorder))
+    run_capturing(second, on_build=lambda trainer, _: trainer.add_callback(recorder))
     assert recorder.steps == [4, 5], "the resumed run must start at step 4 and run steps 5 and 6 only"
     state = trainer_state(resumed_dir / "checkpoint-6")
     assert state["global_step"] == 6
@@ -278,7 +240,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model_dir, data_
     assert history[:4] == [h for h in history_4 if "loss" in h], "the log history must continue, not restart"
 
     straight = dpo_args(tiny_model_dir, data_file, straight_dir, *common, "--max_steps", "6")
-    _, straight_trainer = run_capturing(straight)
+    _, straight_trainer, _ = run_capturing(straight)
 
     straight_losses = [h["loss"] for h in straight_trainer.state.log_history if "loss" in h]
     assert [h["loss"] for h in history] == pytest.approx(straight_losses, abs=1e-4)
@@ -313,8 +275,8 @@ def test_precomputed_reference_gives_the_same_metrics(lora_dropout, tiny_model_d
         "--use_peft_lora", "--lora_dropout", lora_dropout,
         "--test_size", "2", "--do_eval", "true", "--learning_rate", "1e-2", "--max_steps", "2",
     )  # fmt: skip
-    on_the_fly, otf_trainer = run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "otf", *common))
-    precomputed, pre_trainer = run_capturing(
+    on_the_fly, otf_trainer, _ = run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "otf", *common))
+    precomputed, pre_trainer, _ = run_capturing(
         dpo_args(tiny_model_dir, data_file, tmp_path / "pre", *common, "--precompute_ref_log_probs", "true")
     )
     assert precomputed.reference_mode == "adapter_disabled"
@@ -357,7 +319,7 @@ def test_gradient_checkpointing_uses_the_use_reentrant_flag(
         "--use_peft_lora", "--max_steps", "1",
         "--gradient_checkpointing", "true", "--use_reentrant", str(use_reentrant).lower(),
     )  # fmt: skip
-    result, trainer = run_capturing(args)
+    result, trainer, _ = run_capturing(args)
     assert torch.isfinite(torch.tensor(result.train_metrics["train_loss"]))
     funcs = [
         m._gradient_checkpointing_func
