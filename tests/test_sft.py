@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PAIRS, make_tiny_llama
+from conftest import PAIRS, make_tiny_llama, quiet_argv
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -35,19 +35,7 @@ CONVERSATION = [
 
 
 def quiet_args(types, model, data, out, *extra: str, defaults=DPO_DEFAULTS):
-    argv = [
-        "--model_name_or_path", str(model),
-        "--dataset_name", str(data),
-        "--output_dir", str(out),
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        "--save_strategy", "no",
-        "--eval_strategy", "no",
-        "--logging_steps", "1",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
-    return parse_command_args(types, argv, defaults=defaults)
+    return parse_command_args(types, quiet_argv(model, data, out, *extra), defaults=defaults)
 
 
 def targets_text(tokenizer, example) -> str:
