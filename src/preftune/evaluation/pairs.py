@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from preftune.training.batching import PairCollator
 from preftune.training.logprobs import sequence_logps
@@ -28,13 +29,21 @@ class PairScores:
 
 
 @torch.no_grad()
-def score_pairs(model: torch.nn.Module, pairs: list[dict], pad_token_id: int, batch_size: int = 8) -> PairScores:
+def score_pairs(
+    model: torch.nn.Module,
+    pairs: list[dict],
+    pad_token_id: int,
+    batch_size: int = 8,
+    show_progress: bool = False,
+    desc: str = "scoring pairs",
+) -> PairScores:
     """Summed reply log-probs of chosen and rejected for each tokenized pair."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=PairCollator(pad_token_id)):
+    loader = DataLoader(pairs, batch_size=batch_size, collate_fn=PairCollator(pad_token_id))
+    for batch in tqdm(loader, desc=desc, disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).logps
         half = logps.shape[0] // 2

@@ -23,6 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
 from preftune.models.prepare import POLICY_ADAPTER, PreparedModels, prepare_models
+from preftune.report import report_run
 from preftune.training.batching import PairCollator
 from preftune.training.trainer import PreferenceTrainer
 
@@ -217,6 +218,8 @@ def run_dpo(
     # which scores the held-out pairs itself.
     eval_metrics = trainer.evaluate() if held_out and training_args.do_eval else {}
     save_policy(trainer, prepared, training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) in the run folder
+    report_run(trainer)  # report/report.html: curves, config (and eval results when there are)
     return DPOResult(
         output_dir=training_args.output_dir,
         train_metrics=dict(train_output.metrics),

@@ -25,6 +25,7 @@ from preftune.config import DataArguments, ModelArguments, SFTArguments
 from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
+from preftune.report import report_run
 from preftune.training.dpo import _configure_training_args, _resume_path, save_policy, save_run_config
 from preftune.training.logprobs import supports_chunked_logps, unwrap_causal_lm
 from preftune.training.packing import IGNORE_INDEX, SFTCollator, pack_examples
@@ -318,6 +319,8 @@ def run_sft(
         train_metrics["train_tokens_per_second"] = trainer.trained_tokens / trainer.training_seconds
     eval_metrics = trainer.evaluate() if held_out and training_args.do_eval else {}
     save_policy(trainer, prepared, training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) in the run folder
+    report_run(trainer)  # report/report.html: curves, config (and eval results when there are)
     return SFTResult(
         output_dir=training_args.output_dir,
         train_metrics=train_metrics,
