@@ -116,7 +116,15 @@ def margin_histograms(pairs: dict[str, Any], out_dir: Path) -> Path | None:
     left.hist(
         before, bins=bins, range=(low, high), alpha=0.6, color=REFERENCE_COLOR, label="before (reference)"
     )
-    left.hist(after, bins=bins, range=(low, high), alpha=0.6, color=TUNED_COLOR, label="after (tuned)")
+    left.hist(
+        after,
+        bins=bins,
+        range=(low, high),
+        histtype="step",
+        linewidth=2,
+        color=TUNED_COLOR,
+        label="after (tuned)",
+    )
     left.axvline(0, color="black", linewidth=0.8)
     left.set_title("log p(chosen) - log p(rejected), held-out pairs")
     left.set_xlabel("log-prob margin (nats)")
