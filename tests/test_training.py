@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.models.prepare import REFERENCE_ADAPTER
-from preftune.training import dpo
+from preftune.training import common, dpo
 from preftune.training.logprobs import sequence_logps
 
 ARG_TYPES = (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments)
@@ -186,7 +186,7 @@ def test_reward_metrics_are_logged_for_train_and_eval(lora_run):
 
 def test_run_folder_is_complete(lora_run, data_file):
     out = lora_run["out"]
-    config = yaml.safe_load((out / dpo.RUN_CONFIG_FILE).read_text())
+    config = yaml.safe_load((out / common.RUN_CONFIG_FILE).read_text())
     assert list(config) == ["model", "data", "preference", "training"]
     assert config["model"]["use_peft_lora"] is True
     assert config["data"]["dataset_name"] == str(data_file)

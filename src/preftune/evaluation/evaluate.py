@@ -427,7 +427,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
     """eval_results.json (NaN -> null), written atomically."""
-    from preftune.training.dpo import write_atomic
+    from preftune.training.common import write_atomic
 
     path = Path(path)
     write_atomic(path, json.dumps(_json_safe(results), indent=2) + "\n")

@@ -6,30 +6,19 @@ from the four argument dataclasses (see preftune.config and transformers.Trainin
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
-from preftune.models.prepare import POLICY_ADAPTER, PreparedModels, prepare_models
-from preftune.report import report_run
+from preftune.models.prepare import PreparedModels, prepare_models
+from preftune.training import common
 from preftune.training.batching import PairCollator
 from preftune.training.trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
-
-RUN_CONFIG_FILE = "preftune_config.yaml"
 
 
 @dataclass
@@ -42,24 +31,6 @@ class DPOResult:
     n_eval: int
     trainer: PreferenceTrainer  # holds the trained policy, for callers that evaluate it further
     held_out: list[dict]  # tokenized held-out pairs
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file + rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_run_config(output_dir: str, **sections: Any) -> None:
-    """The full run config (every argument of every section) as YAML in the output folder."""
-    config = {}
-    for name, args in sections.items():
-        values = args.to_dict() if hasattr(args, "to_dict") else dataclasses.asdict(args)
-        config[name] = json.loads(json.dumps(values, default=str))  # enums, paths -> plain values
-    write_atomic(Path(output_dir) / RUN_CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
 
 def tokenized_splits(
@@ -105,48 +76,6 @@ def tokenized_splits(
     return train, held_out
 
 
-def _configure_training_args(args: TrainingArguments, model_args: ModelArguments, has_eval: bool) -> None:
-    args.remove_unused_columns = False  # our features are token lists, not model kwargs
-    if not torch.cuda.is_available():
-        args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-    if args.gradient_checkpointing:
-        # transformers 5 reads activation_checkpointing_kwargs (the old name is copied only at init)
-        kwargs = {**(getattr(args, "activation_checkpointing_kwargs", None) or {}), "use_reentrant": model_args.use_reentrant}
-        args.gradient_checkpointing_kwargs = kwargs
-        if hasattr(args, "activation_checkpointing_kwargs"):
-            args.activation_checkpointing_kwargs = kwargs
-    if not has_eval and args.eval_strategy != "no":
-        logger.warning("no held-out split: evaluation during training is off")
-        args.eval_strategy = "no"
-
-
-def _resume_path(args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint PATH, or true/last for the newest checkpoint in --output_dir."""
-    value = args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "no", ""):
-        return None
-    if str(value).lower() in ("true", "last", "latest"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {args.output_dir}")
-        return last
-    if not os.path.isdir(value):
-        raise ValueError(f"--resume_from_checkpoint: no such folder: {value}")
-    return value
-
-
-def save_policy(trainer: PreferenceTrainer, prepared: PreparedModels, output_dir: str) -> None:
-    """The trained policy in PEFT format (only the `default` adapter) or as a full model, + tokenizer."""
-    if not trainer.is_world_process_zero():
-        return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(output_dir, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
-    else:
-        model.save_pretrained(output_dir, safe_serialization=True)
-    prepared.tokenizer.save_pretrained(output_dir)
-
-
 def build_trainer(
     prepared: PreparedModels,
     pref_args: PreferenceArguments,
@@ -175,7 +104,7 @@ def run_dpo(
 ) -> DPOResult:
     """Preference-tune a model end to end; returns the final metrics."""
     set_seed(training_args.seed)
-    resume = _resume_path(training_args)
+    resume = common.resume_path(training_args)
     prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, held_out = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
@@ -186,10 +115,10 @@ def run_dpo(
         prepared.reference_mode,
     )
 
-    _configure_training_args(training_args, model_args, has_eval=bool(held_out))
+    common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
     trainer = build_trainer(prepared, pref_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
-        save_run_config(
+        common.save_run_config(
             training_args.output_dir,
             model=model_args,
             data=data_args,
@@ -201,29 +130,14 @@ def run_dpo(
         if held_out:
             trainer.precompute_reference_logps(held_out, desc="reference log-probs (held-out)")
 
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        # Keep what was learned: a checkpoint at the current step, resumable with
-        # --resume_from_checkpoint true.
-        if trainer.state.global_step > 0:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            logger.warning(
-                "interrupted at step %d: checkpoint saved in %s; continue with --resume_from_checkpoint true",
-                trainer.state.global_step,
-                training_args.output_dir,
-            )
-        raise
-    # --eval_strategy no (and no --do_eval) skips the final evaluation too, e.g. for the demo,
-    # which scores the held-out pairs itself.
-    eval_metrics = trainer.evaluate() if held_out and training_args.do_eval else {}
-    save_policy(trainer, prepared, training_args.output_dir)
-    trainer.save_state()  # trainer_state.json (the log history) in the run folder
-    report_run(trainer)  # report/report.html: curves, config (and eval results when there are)
+    train_output = common.train(trainer, resume)
+    # --eval_strategy no (and no --do_eval) skips the final evaluation, e.g. for the demo, which
+    # scores the held-out pairs itself.
+    eval_metrics = common.finish(trainer, prepared, has_eval=bool(held_out))
     return DPOResult(
         output_dir=training_args.output_dir,
         train_metrics=dict(train_output.metrics),
-        eval_metrics=dict(eval_metrics),
+        eval_metrics=eval_metrics,
         reference_mode=prepared.reference_mode,
         n_train=len(train),
         n_eval=len(held_out),

@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from preftune.training.dpo import write_atomic
+from preftune.training.common import write_atomic
 
 logger = logging.getLogger("preftune")
 

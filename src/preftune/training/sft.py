@@ -25,8 +25,7 @@ from preftune.config import DataArguments, ModelArguments, SFTArguments
 from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
-from preftune.report import report_run
-from preftune.training.dpo import _configure_training_args, _resume_path, save_policy, save_run_config
+from preftune.training import common
 from preftune.training.logprobs import supports_chunked_logps, unwrap_causal_lm
 from preftune.training.packing import IGNORE_INDEX, SFTCollator, pack_examples
 
@@ -278,7 +277,7 @@ def run_sft(
 ) -> SFTResult:
     """Supervised fine-tuning end to end; returns the final metrics."""
     set_seed(training_args.seed)
-    resume = _resume_path(training_args)
+    resume = common.resume_path(training_args)
     prepared = prepare_models(
         model_args, gradient_checkpointing=training_args.gradient_checkpointing, with_reference=False
     )
@@ -296,35 +295,22 @@ def run_sft(
         )
     logger.info("%d training rows, %d held-out rows", len(train), len(held_out))
 
-    _configure_training_args(training_args, model_args, has_eval=bool(held_out))
+    common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
     trainer = build_sft_trainer(prepared, sft_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
-        save_run_config(
+        common.save_run_config(
             training_args.output_dir, model=model_args, data=data_args, sft=sft_args, training=training_args
         )
 
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        if trainer.state.global_step > 0:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            logger.warning(
-                "interrupted at step %d: checkpoint saved in %s; continue with --resume_from_checkpoint true",
-                trainer.state.global_step,
-                training_args.output_dir,
-            )
-        raise
+    train_output = common.train(trainer, resume)
     train_metrics = dict(train_output.metrics)
     if trainer.training_seconds:
         train_metrics["train_tokens_per_second"] = trainer.trained_tokens / trainer.training_seconds
-    eval_metrics = trainer.evaluate() if held_out and training_args.do_eval else {}
-    save_policy(trainer, prepared, training_args.output_dir)
-    trainer.save_state()  # trainer_state.json (the log history) in the run folder
-    report_run(trainer)  # report/report.html: curves, config (and eval results when there are)
+    eval_metrics = common.finish(trainer, prepared, has_eval=bool(held_out))
     return SFTResult(
         output_dir=training_args.output_dir,
         train_metrics=train_metrics,
-        eval_metrics=dict(eval_metrics),
+        eval_metrics=eval_metrics,
         n_train=len(train),
         n_eval=len(held_out),
         n_train_examples=n_examples,
