@@ -128,7 +128,9 @@ class PreferenceTrainer(Trainer):
         with torch.random.fork_rng(devices=[]):
             for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
                 batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
-                chosen, rejected = self.accelerator.gather_for_metrics(self.reference_logps(self.model, batch))
+                chosen, rejected = self.accelerator.gather_for_metrics(
+                    self.reference_logps(self.model, batch)
+                )
                 for c, r in zip(chosen.tolist(), rejected.tolist()):
                     dataset[position]["ref_chosen_logps"] = c
                     dataset[position]["ref_rejected_logps"] = r
