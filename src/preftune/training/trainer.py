@@ -87,24 +87,23 @@ class PreferenceTrainer(Trainer):
             return
         peft_model = self.accelerator.unwrap_model(model)
         was_training = peft_model.training
+        # PEFT's adapter switches flip requires_grad. What is trainable stays as it was, inside too:
+        # FSDP2 settles which gradients it reduces (and in what dtype) at its first forward, which
+        # may be this no-grad reference pass.
+        trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
         peft_model.eval()
         try:
             if self.reference_mode == "adapter_disabled":
-                with peft_model.disable_adapter():
-                    yield peft_model
+                switch = peft_model.disable_adapter()
             elif self.reference_mode == "reference_adapter":
-                trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-                peft_model.set_adapter(REFERENCE_ADAPTER)
-                try:
-                    yield peft_model
-                finally:
-                    peft_model.set_adapter(POLICY_ADAPTER)
-                    # set_adapter flips requires_grad; restore exactly what was trainable before.
-                    for n, p in peft_model.named_parameters():
-                        p.requires_grad_(n in trainable)
+                switch = _active_adapter(peft_model, REFERENCE_ADAPTER)
             else:
                 raise ValueError(f"unknown reference mode {self.reference_mode!r}")
+            with switch:
+                _set_trainable(peft_model, trainable)
+                yield peft_model
         finally:
+            _set_trainable(peft_model, trainable)
             peft_model.train(was_training)
 
     def reference_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -194,3 +193,17 @@ class PreferenceTrainer(Trainer):
             logs[prefix + name] = sum(values) / len(values)
         self._metrics[split].clear()
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def _active_adapter(peft_model: torch.nn.Module, name: str) -> Iterator[None]:
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(POLICY_ADAPTER)
+
+
+def _set_trainable(model: torch.nn.Module, names: set[str]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
