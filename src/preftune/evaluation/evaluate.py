@@ -67,13 +67,20 @@ class RunModels:
 
     model: torch.nn.Module  # the tuned policy (a PeftModel for LoRA runs)
     tokenizer: Any
-    reference_mode: str  # "adapter_disabled" | "reference_adapter" | "model_copy"
+    reference_mode: str  # "adapter_disabled" | "reference_adapter" | "model_copy" | "none"
     reference_model: torch.nn.Module | None = None  # only for "model_copy"
     base_path: str | None = None  # the un-adapted base model in memory (for reusing it as a judge)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a reference is at hand ("none": a full model loaded alone, e.g. a merged one)."""
+        return self.reference_mode != "none"
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
         """The reference model, for the duration of the `with` block."""
+        if self.reference_mode == "none":
+            raise ValueError("no reference in memory: the model was loaded without one (a full model)")
         if self.reference_mode == "model_copy":
             yield self.reference_model
         elif self.reference_mode == "adapter_disabled":
@@ -144,8 +151,18 @@ def default_dtype(config: dict[str, Any]) -> str:
     return (config.get("model") or {}).get("torch_dtype") or "auto"
 
 
-def load_run(run_dir: str | Path, dtype: str | None = None) -> RunModels:
-    """Load a preftune run folder for evaluation, with ONE base model in memory for LoRA runs.
+def load_run(
+    run_dir: str | Path,
+    dtype: str | None = None,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+) -> RunModels:
+    """Load a preftune run folder (or any PEFT adapter, local or on the Hub) for evaluation or chat,
+    with ONE base model in memory for LoRA runs.
+
+    The model flags come from the run's preftune_config.yaml (none for a bare adapter);
+    `load_in_4bit` loads the base in 4 bits whatever the run used, `trust_remote_code` adds to the
+    run's own setting.
 
     | the run trained                    | tuned model                 | reference                        |
     |------------------------------------|-----------------------------|----------------------------------|
@@ -164,11 +181,19 @@ def load_run(run_dir: str | Path, dtype: str | None = None) -> RunModels:
     )
 
     run = Path(run_dir)
-    if not run.is_dir():
+    hub_name = (
+        not run.exists() and str(run_dir).count("/") == 1 and not str(run_dir).startswith((".", "/", "~"))
+    )
+    # the adapter's base model (None: not an adapter); a Hub name is asked only when it looks like one
+    run_base = adapter_base(str(run_dir)) if run.is_dir() or hub_name else None
+    if not run.is_dir() and run_base is None:
         raise FileNotFoundError(f"--model: no such run folder: {run_dir}")
-    config = read_run_config(run)
+    config = read_run_config(run) if run.is_dir() else {}
     model_section = config.get("model") or {}
     args = _model_arguments(model_section, dtype or default_dtype(config))
+    args.trust_remote_code = args.trust_remote_code or trust_remote_code
+    if load_in_4bit:
+        args.use_4bit_quantization, args.use_8bit_quantization = True, False
     start = model_section.get("model_name_or_path")  # what training started from (None: embedded)
     start_path = resolve_model_path(start)
     start_is_adapter = adapter_base(start_path) is not None
@@ -178,15 +203,15 @@ def load_run(run_dir: str | Path, dtype: str | None = None) -> RunModels:
     def placed(model: torch.nn.Module) -> torch.nn.Module:
         return model.eval() if quantized else model.to(device).eval()
 
-    if (run / "adapter_config.json").is_file():
-        base_path = resolve_model_path(adapter_base(str(run)))
-        tokenizer = load_tokenizer(str(run), fallback=base_path)
+    if run_base is not None:
+        base_path = resolve_model_path(run_base)
+        tokenizer = load_tokenizer(str(run_dir), fallback=base_path, trust_remote_code=args.trust_remote_code)
         base = load_base_model(base_path, args)
         if start_is_adapter and args.merge_and_unload:
             base = PeftModel.from_pretrained(base, start_path).merge_and_unload()
-            model = PeftModel.from_pretrained(base, str(run), adapter_name=POLICY_ADAPTER)
+            model = PeftModel.from_pretrained(base, str(run_dir), adapter_name=POLICY_ADAPTER)
             return RunModels(placed(model), tokenizer, "adapter_disabled", base_path=None)
-        model = PeftModel.from_pretrained(base, str(run), adapter_name=POLICY_ADAPTER)
+        model = PeftModel.from_pretrained(base, str(run_dir), adapter_name=POLICY_ADAPTER)
         if start_is_adapter:
             model.load_adapter(start_path, adapter_name=REFERENCE_ADAPTER)
             model.set_adapter(POLICY_ADAPTER)
