@@ -154,3 +154,20 @@ def run_capturing(args, on_build=None):
         mp.setattr(dpo, "build_trainer", build)
         result = dpo.run_dpo(*args)
     return result, captured["trainer"], captured["prepared"]
+
+
+# --------------------------------------------------------------------------- chat
+
+
+@pytest.fixture(scope="session")
+def chat_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A random (non-zero) LoRA adapter on the tiny model: the tuned side answers unlike the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("chat-adapter")
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder

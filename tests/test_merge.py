@@ -11,7 +11,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.cli.chat import load_chat_model, stream_reply
+from preftune.chat.engine import GenerationSettings, load_chat
 from preftune.cli.main import main as preftune_main
 from preftune.models.merge import MERGE_INFO_FILE, merge_adapter, probe_token_logps
 
@@ -90,7 +90,7 @@ def test_merge_command_and_chat_on_the_merged_model(adapter_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         preftune_main(["merge", "--model", str(adapter_dir), "--output", str(out)])
     assert exit_info.value.code == 0
-    model, tokenizer = load_chat_model(str(out))  # chat loads it as a full model
-    assert not isinstance(model, PeftModel)
-    reply = "".join(stream_reply(model, tokenizer, [{"role": "user", "content": "hi"}], 4, 0.0, 1.0))
+    chat = load_chat(str(out))  # chat loads it as a full model: one side, no reference
+    assert not isinstance(chat.run.model, PeftModel) and chat.sides == ["tuned"]
+    reply = "".join(chat.stream([{"role": "user", "content": "hi"}], GenerationSettings(4, 0.0, 1.0)))
     assert isinstance(reply, str)

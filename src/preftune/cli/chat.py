@@ -1,71 +1,27 @@
-"""`preftune chat --model DIR`: a streaming multi-turn chat in the terminal.
+"""`preftune chat --model DIR`: a streaming multi-turn chat in the terminal, or in a web page (--ui).
 
-DIR may be a full model (Hub name or folder), a PEFT adapter folder (its base is loaded and the
-adapter put on top), or nothing (the embedded model). Commands at the prompt: /reset clears the
-history, /exit (or Ctrl-D) quits.
+DIR may be a run folder or a PEFT adapter (its base is loaded and the adapter put on top; the
+reference is the base with the adapter disabled, or the SFT adapter the run started from), a full
+model (Hub name or folder, e.g. a merged model), or nothing (the embedded model). One model is in
+memory either way.
+
+Terminal: /reset clears the history, /exit (or Ctrl-D) quits; --compare prints the reference's
+answer and the tuned model's, each with its own history.
+
+--ui: a web page with the reference and the tuned model side by side, streamed, and a "which is
+better" vote per turn saved as a preference pair to --votes_file (default RUN_DIR/votes.jsonl),
+which `preftune dpo --dataset_name RUN_DIR/votes.jsonl` reads. Binds 127.0.0.1:7860 unless --host /
+--port say otherwise; a public share link only with --share.
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
 
 import torch
 from rich.console import Console
 
-from preftune.config import ModelArguments
-from preftune.models.prepare import adapter_base, load_base_model, load_tokenizer, resolve_model_path
-
-
-def load_chat_model(model: str | None, load_in_4bit: bool = False, trust_remote_code: bool = False):
-    """(model, tokenizer) for inference: a full model, or base + adapter."""
-    from peft import PeftModel
-
-    path = resolve_model_path(model)
-    base_path = adapter_base(path)
-    args = ModelArguments(
-        model_name_or_path=path, use_4bit_quantization=load_in_4bit, trust_remote_code=trust_remote_code
-    )
-    if base_path is None:
-        return load_base_model(path, args).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
-    base_path = resolve_model_path(base_path)
-    base = load_base_model(base_path, args)
-    tokenizer = load_tokenizer(path, fallback=base_path, trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(base, path).eval(), tokenizer
-
-
-def stream_reply(
-    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float
-):
-    """Yield the reply's text piece by piece as the model generates it."""
-    from transformers import TextIteratorStreamer
-
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False}
-    )
-    kwargs = dict(
-        **inputs,
-        streamer=streamer,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
-
-    def generate() -> None:
-        with torch.no_grad():
-            model.generate(**kwargs)
-
-    thread = threading.Thread(target=generate, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+from preftune.chat.engine import REFERENCE, TUNED, ChatEngine, Conversation, GenerationSettings, load_chat
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,17 +38,78 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_in_4bit", action="store_true", help="load the base model in 4 bits")
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare", action="store_true", help="terminal: print the reference's answer, then the tuned one"
+    )
+    web = parser.add_argument_group("web chat (--ui)")
+    web.add_argument("--ui", action="store_true", help="serve the web chat instead of the terminal chat")
+    web.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--share", action="store_true", help="also make a public Gradio share link")
+    web.add_argument(
+        "--votes_file", default=None, help="where votes go (default: MODEL_DIR/votes.jsonl, else runs/chat/)"
+    )
     return parser
+
+
+def settings_from(args: argparse.Namespace) -> GenerationSettings:
+    """The generation settings the flags ask for."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(
+            f"--temperature must be >= 0 and --top_p in (0, 1]; got {args.temperature}, {args.top_p}"
+        )
+    return GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    settings = settings_from(args)
     console = Console()
     torch.manual_seed(args.seed)
+    if args.ui:
+        from preftune.chat.ui import require_gradio
+
+        require_gradio()  # before the model loads: a missing package fails at once
     with console.status("loading model"):
-        model, tokenizer = load_chat_model(args.model, args.load_in_4bit, args.trust_remote_code)
+        engine = load_chat(args.model, args.load_in_4bit, args.trust_remote_code)
+    if args.ui:
+        return serve(engine, args, settings, console)
+    if args.compare and not engine.has_reference:
+        raise ValueError(f"--compare: {engine.source} is a full model with no reference in memory")
+    return terminal_chat(engine, settings, console, args.system, compare=args.compare)
+
+
+def serve(
+    engine: ChatEngine, args: argparse.Namespace, settings: GenerationSettings, console: Console
+) -> int:
+    """Serve the web chat until Ctrl-C."""
+    from preftune.chat.ui import build_app, launch
+    from preftune.chat.votes import default_votes_file
+
+    votes_file = args.votes_file or default_votes_file(engine.source)
+    app = build_app(engine, votes_file, settings, args.system)
+    where = "http://127.0.0.1" if args.host in ("127.0.0.1", "localhost") else f"http://{args.host}"
+    console.print(f"web chat on {where}:{args.port} (Ctrl-C stops it); votes go to {votes_file}")
+    launch(app, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def terminal_chat(
+    engine: ChatEngine,
+    settings: GenerationSettings,
+    console: Console,
+    system: str | None = None,
+    compare: bool = False,
+) -> int:
+    """Chat in the terminal until /exit or end of input; with `compare`, both sides answer."""
+    sides = [REFERENCE, TUNED] if compare else [TUNED]
+    names = {REFERENCE: "reference", TUNED: "tuned" if compare else "bot"}
     console.print("[dim]/reset clears the history, /exit quits[/dim]")
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    conversation = Conversation(sides)
     while True:
         try:
             user = console.input("[bold green]you> [/bold green]").strip()
@@ -102,17 +119,16 @@ def main(argv: list[str]) -> int:
         if user in ("/exit", "/quit"):
             return 0
         if user == "/reset":
-            history = history[:1] if args.system else []
+            conversation = Conversation(sides)
             continue
         if not user:
             continue
-        history.append({"role": "user", "content": user})
-        console.print("[bold blue]bot> [/bold blue]", end="")
-        reply = ""
-        for piece in stream_reply(
-            model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p
-        ):
-            reply += piece
+        current = None
+        for side, piece in conversation.answer(engine, user, settings, system):
+            if side != current:
+                if current is not None:
+                    console.print()
+                console.print(f"[bold blue]{names[side]}> [/bold blue]", end="")
+                current = side
             console.print(piece, end="", highlight=False, markup=False)
         console.print()
-        history.append({"role": "assistant", "content": reply.strip()})

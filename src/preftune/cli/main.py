@@ -8,7 +8,7 @@ Commands:
   eval   a run against its reference: held-out pairs, judged generations, win rate
   report write a run's HTML report (curves, evaluation, samples)
   demo   a complete small run on the embedded model: data, DPO, before/after evaluation
-  chat   chat with a model or a trained run folder in the terminal
+  chat   chat with a model or a trained run folder, in the terminal or a web page (--ui)
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
 COMMANDS = {
     "dpo": "preference-tune a model on (prompt, chosen, rejected) pairs",
     "demo": "a small end-to-end run on the embedded model, with before/after evaluation",
-    "chat": "chat with a model or a run folder in the terminal",
+    "chat": "chat with a model or a run folder in the terminal, or beside its reference in a web page (--ui)",
     "sft": "supervised fine-tuning on conversations, completions, text or chosen replies",
     "merge": "merge a LoRA adapter into its base model and save a standalone model",
     "pipeline": "run a multi-stage recipe (e.g. SFT then DPO), skipping stages already finished",
@@ -174,5 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         # PREFTUNE_DEBUG=1 shows the traceback for bug reports.
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
-        console.print(f"[red]preftune {command}: error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(  # escaped: "[ui]" in a message is text, not markup
+            f"[red]preftune {command}: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
