@@ -20,6 +20,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from preftune.config import ModelArguments
 from preftune.models.prepare import POLICY_ADAPTER, PreparedModels
 from preftune.report import report_run
+from preftune.training import distributed
 
 logger = logging.getLogger("preftune")
 
@@ -46,6 +47,7 @@ def save_run_config(output_dir: str, **sections: Any) -> None:
 
 def configure_training_args(args: TrainingArguments, model_args: ModelArguments, has_eval: bool) -> None:
     args.remove_unused_columns = False  # our features are token lists, not model kwargs
+    distributed.keep_fsdp_on_cpu()  # before the Trainer builds its Accelerator
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if args.gradient_checkpointing:
@@ -78,20 +80,29 @@ def resume_path(args: TrainingArguments) -> str | None:
 
 
 def save_policy(trainer: Trainer, prepared: PreparedModels, output_dir: str) -> None:
-    """The trained policy in PEFT format (only the `default` adapter) or as a full model, + tokenizer."""
+    """The trained policy in PEFT format (only the `default` adapter) or as a full model, + tokenizer.
+
+    Under FSDP or DeepSpeed ZeRO-3 each process holds a shard of the weights: every process takes
+    part in gathering them, and the main process writes them.
+    """
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
+    kwargs = {"safe_serialization": True, "state_dict": state_dict}
     if hasattr(model, "peft_config"):
-        model.save_pretrained(output_dir, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        model.save_pretrained(output_dir, selected_adapters=[POLICY_ADAPTER], **kwargs)
     else:
-        model.save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, **kwargs)
     prepared.tokenizer.save_pretrained(output_dir)
 
 
 def train(trainer: Trainer, resume: str | None) -> TrainOutput:
     """trainer.train(), keeping what was learned on Ctrl-C: a checkpoint at the current step,
     resumable with --resume_from_checkpoint true."""
+    distributed.warn_if_backend_dropped(trainer)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -112,4 +123,7 @@ def finish(trainer: Trainer, prepared: PreparedModels, has_eval: bool) -> dict[s
     save_policy(trainer, prepared, trainer.args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) in the run folder
     report_run(trainer)  # report/report.html: curves, config (and eval results when there are)
+    # Under several processes only the main one writes: the others wait for its files, so that
+    # what runs next (e.g. a pipeline's next stage) can read them.
+    trainer.accelerator.wait_for_everyone()
     return dict(eval_metrics)
