@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from preftune.training.distributed import is_main_process
 from preftune.training.pipeline import StageCommand, StageOutcome, parse_pipeline, run_pipeline
 
 SHOWN_METRICS = (
@@ -106,6 +107,8 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 
 def print_outcomes(outcomes: list[StageOutcome], console: Console | None = None) -> None:
+    if not is_main_process():  # one table per launch, not one per process
+        return
     console = console or Console()
     table = Table(title="preftune pipeline")
     for column in ("stage", "command", "status", "seconds", "key metrics", "output"):

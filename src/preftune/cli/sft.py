@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from preftune.training.distributed import is_main_process
 from preftune.training.sft import SFTResult
 
 # On top of preftune's training defaults (preftune.cli.main.DPO_DEFAULTS).
@@ -29,6 +30,8 @@ def arg_types() -> tuple[type, ...]:
 
 
 def print_sft_summary(result: SFTResult, console: Console | None = None) -> None:
+    if not is_main_process():  # one summary per launch, not one per process
+        return
     console = console or Console()
     table = Table(title=f"preftune sft: {result.output_dir}")
     table.add_column("metric")

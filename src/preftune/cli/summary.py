@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from preftune.training.distributed import is_main_process
 from preftune.training.dpo import DPOResult
 
 KEY_METRICS = (
@@ -19,6 +20,8 @@ KEY_METRICS = (
 
 
 def print_dpo_summary(result: DPOResult, console: Console | None = None) -> None:
+    if not is_main_process():  # one summary per launch, not one per process
+        return
     console = console or Console()
     table = Table(title=f"preftune dpo: {result.output_dir}")
     table.add_column("metric")

@@ -39,6 +39,7 @@ from typing import Any
 from transformers.trainer_utils import get_last_checkpoint
 
 from preftune.training.common import write_atomic
+from preftune.training.distributed import is_main_process
 
 logger = logging.getLogger("preftune")
 
@@ -182,7 +183,8 @@ def run_pipeline(
             continue
         if marker is not None:
             logger.info("stage %s: an earlier stage ran again, so it runs again too", stage.name)
-            (stage_dir / STAGE_MARKER).unlink()
+            if is_main_process():
+                (stage_dir / STAGE_MARKER).unlink(missing_ok=True)
 
         run_args = dict(args)
         checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
@@ -201,7 +203,8 @@ def run_pipeline(
             "seconds": seconds,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_atomic(stage_dir / STAGE_MARKER, json.dumps(record, indent=2, default=str) + "\n")
+        if is_main_process():  # under several processes: the one that wrote the stage's files
+            write_atomic(stage_dir / STAGE_MARKER, json.dumps(record, indent=2, default=str) + "\n")
         outcomes.append(StageOutcome(stage.name, stage.command, str(stage_dir), "ran", metrics, seconds))
         upstream_ran = True
     return outcomes
