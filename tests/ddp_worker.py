@@ -1,6 +1,11 @@
 """Run `preftune` in one process of an `accelerate launch`, recording which files it opens for
 writing under the output folder (Python-level opens, via an audit hook) in writes-rank<N>.txt
-beside the output folder. Used by tests/test_distributed.py."""
+beside the output folder. Used by tests/test_distributed.py.
+
+With PREFTUNE_TEST_DUMP_REFERENCE=1, a DPO run also saves, at the end of training, its `reference`
+adapter as every process sees it, gathered whole from the shards under FSDP, in
+reference-rank<N>.safetensors beside the output folder (keys as in the adapter file it came from).
+"""
 
 import os
 import sys
@@ -21,7 +26,32 @@ def audit(event: str, args: tuple) -> None:
             writes.append(str(path.relative_to(output_dir)))
 
 
+def dump_reference_at_finish() -> None:
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from preftune.models.prepare import REFERENCE_ADAPTER
+    from preftune.training import common
+
+    finish = common.finish
+
+    def dumping_finish(trainer, *args, **kwargs):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        reference = {}
+        for name, param in model.named_parameters():  # the same order in every process
+            if f".{REFERENCE_ADAPTER}." in name:
+                assert not param.requires_grad, f"{name} is trainable"
+                whole = param.full_tensor() if isinstance(param, DTensor) else param  # a collective
+                reference[name.replace(f".{REFERENCE_ADAPTER}.", ".")] = whole.detach().cpu().contiguous()
+        save_file(reference, str(output_dir.parent / f"reference-rank{rank}.safetensors"))
+        return finish(trainer, *args, **kwargs)
+
+    common.finish = dumping_finish
+
+
 sys.addaudithook(audit)
+if os.environ.get("PREFTUNE_TEST_DUMP_REFERENCE"):
+    dump_reference_at_finish()
 from preftune.cli.main import main  # noqa: E402
 
 try:
