@@ -311,3 +311,13 @@ def test_ui_without_gradio_is_a_one_line_error(monkeypatch, capsys, chat_adapter
     assert run_main(["chat", "--ui", "--model", str(chat_adapter_dir)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'preftune[ui]'" in err and "Traceback" not in err
+
+
+def test_a_full_model_gets_one_pane_and_no_votes(tiny_model_dir, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from preftune.chat.ui import build_app
+
+    app = build_app(load_chat(str(tiny_model_dir)), tmp_path / VOTES_FILE)
+    blocks = list(app.blocks.values())
+    assert sum(isinstance(b, gr.Chatbot) for b in blocks) == 1
+    assert not [b for b in blocks if isinstance(b, gr.Button) and (b.elem_id or "").startswith("vote-")]

@@ -176,5 +176,5 @@ def launch(
         prevent_thread_lock=not block,
         ssr_mode=False,
         show_error=True,
-        quiet=not block,
+        quiet=not share,  # the caller says where the page is; Gradio prints the public link
     )

@@ -17,6 +17,7 @@ which `preftune dpo --dataset_name RUN_DIR/votes.jsonl` reads. Binds 127.0.0.1:7
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from rich.console import Console
@@ -92,8 +93,12 @@ def serve(
 
     votes_file = args.votes_file or default_votes_file(engine.source)
     app = build_app(engine, votes_file, settings, args.system)
-    where = "http://127.0.0.1" if args.host in ("127.0.0.1", "localhost") else f"http://{args.host}"
-    console.print(f"web chat on {where}:{args.port} (Ctrl-C stops it); votes go to {votes_file}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request Gradio makes
+    console.print(
+        f"web chat on http://{args.host}:{args.port} (Ctrl-C stops it); votes go to {votes_file}",
+        soft_wrap=True,
+        highlight=False,
+    )
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
