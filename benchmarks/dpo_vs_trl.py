@@ -22,13 +22,15 @@ Token totals of the first batch and of every timed batch are printed for both an
 Timing: a TrainerCallback times each optimizer step (on_step_begin -> on_step_end, with a CUDA sync on
 a GPU); the first --warmup steps are dropped. pairs/s = batch * timed steps / their total time.
 tokens/s counts real (non-pad) tokens of prompt + chosen + rejected per pair (the prompt once);
-model tokens/s counts what the model is fed (prompt + chosen and prompt + rejected rows, no padding).
+model tokens/s counts prompt + chosen and prompt + rejected (the prompt twice, no padding), the same
+for both tools; "tokens fed" counts the non-pad tokens each tool really runs the model on (TRL: the
+model tokens; preftune with its default shared-prompt rows: each prompt once).
 
 Model FLOP/s (stated convention, attention scores left out):
     FLOPs per timed step = 6 * N * T  (policy forward + backward)  +  2 * N * T  (reference forward;
                            0 with --precompute_ref, whose one-off pass is timed separately)
     N = parameters of every matmul on the token path (all nn.Linear weights incl. the LM head, tied or
-        not, + LoRA), T = model tokens of the step. With LoRA the frozen weights get no weight
+        not, + LoRA), T = non-pad tokens fed to the model in the step. With LoRA the frozen weights get no weight
         gradient, so the real work is nearer 4*N*T + 2*N*T; 6*N*T is the usual dense convention.
 It is compared with this machine's measured matmul peak (a square matmul probe, fp32 and bf16, run in
 this process before the workers).
@@ -136,6 +138,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the other",
     )
     p.add_argument("--repeats", type=int, default=1, help="runs per tool, alternating which tool goes first")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per worker (0: torch's default). On a CPU shared with other jobs, 1 thread "
+        "per worker keeps OpenMP teams from waiting on a descheduled thread",
+    )
+    p.add_argument(
+        "--quiet_load",
+        type=float,
+        default=0.10,
+        help="a timed step is 'quiet' when other processes kept less than this share of the cores busy",
+    )
     p.add_argument("--tools", default="trl,preftune", help="which tools to run (comma-separated)")
     p.add_argument("--sweep", action="store_true", help="max_length 256, 512, 1024, 2048 for both tools")
     p.add_argument("--sweep_lengths", default=",".join(map(str, SWEEP_LENGTHS)))
@@ -174,6 +189,7 @@ def worker_argv(
         "--learning_rate", str(args.learning_rate),
         "--beta", str(args.beta),
         "--gradient_checkpointing", args.gradient_checkpointing,
+        "--threads", str(args.threads),
     ]  # fmt: skip
     if args.precompute_ref:
         argv.append("--precompute_ref")
@@ -416,17 +432,27 @@ class _BatchStats:
 
     def __call__(self, features):
         batch = self.collator(features)
-        attn = batch["attention_mask"]
-        reply = batch[self.reply_key]
-        n = attn.shape[0] // 2
+        if "segment_ids" in batch:  # preftune's shared-prompt rows: [prompt | chosen | rejected] per pair
+            real = batch["segment_ids"] >= 0
+            prompt = int((real & (batch["branch_ids"] == 0)).sum())
+            unique, reply = int(real.sum()), int(batch["reply_lengths"].sum())
+            model_tokens, fed, shape = unique + prompt, unique, real.shape
+        else:  # 2B padded rows: prompt + chosen, then prompt + rejected
+            attn = batch["attention_mask"]
+            reply_mask = batch[self.reply_key]
+            n = attn.shape[0] // 2
+            model_tokens = fed = int(attn.sum())
+            unique = int(attn[:n].sum()) + int(reply_mask[n:].sum())
+            reply, shape = int(reply_mask.sum()), attn.shape
         self.batches.append(
             {
-                "model_tokens": int(attn.sum()),  # rows prompt+chosen and prompt+rejected
-                "unique_tokens": int(attn[:n].sum()) + int(reply[n:].sum()),  # prompt once
-                "reply_tokens": int(reply.sum()),
-                "padded_tokens": int(attn.numel()),
-                "rows": int(attn.shape[0]),
-                "seq_len": int(attn.shape[1]),
+                "model_tokens": model_tokens,  # prompt + chosen and prompt + rejected (the prompt twice)
+                "unique_tokens": unique,  # prompt once
+                "fed_tokens": fed,  # non-pad tokens the model really ran on
+                "reply_tokens": reply,
+                "padded_tokens": int(shape[0] * shape[1]),
+                "rows": int(shape[0]),
+                "seq_len": int(shape[1]),
             }
         )
         return batch
@@ -502,7 +528,7 @@ def build_preftune_trainer(args: argparse.Namespace):
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, _ = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
     configure_training_args(training_args, model_args, has_eval=False)
-    trainer = build_trainer(prepared, pref_args, training_args, train, [])
+    trainer = build_trainer(prepared, pref_args, training_args, train, [], data_args.max_seq_length)
     info["precompute_s"] = None
     if pref_args.precompute_ref_log_probs:
         t1 = time.perf_counter()
@@ -653,6 +679,10 @@ def _train_and_measure(
 
 
 def run_worker(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     baton = Baton(args.baton, args.worker)
     try:
         baton.wait()  # setup (loading, tokenizing, precompute) runs in this worker's turn too
@@ -675,9 +705,10 @@ def summarize(runs: list[dict], args: argparse.Namespace, peak_tflops: float) ->
     total_s = sum(step_s)
     pairs = args.batch_size * len(step_s)
     model_tokens = sum(b["model_tokens"] for b in timed)
+    fed_tokens = sum(b["fed_tokens"] for b in timed)
     n = runs[0]["matmul_params"]
     ref_factor = 0 if args.precompute_ref else 2
-    flops = (6 + ref_factor) * n * model_tokens
+    flops = (6 + ref_factor) * n * fed_tokens
     first = runs[0]
     return {
         "pairs_per_s": pairs / total_s,
@@ -689,7 +720,9 @@ def summarize(runs: list[dict], args: argparse.Namespace, peak_tflops: float) ->
         "cpu_s_per_pair": sum(cpu_s) / pairs,
         "others_load_mean": statistics.mean(others),
         "others_load": [round(x, 3) for x in others],
-        "padding_fraction": 1 - model_tokens / max(1, sum(b["padded_tokens"] for b in timed)),
+        "fed_tokens_per_s": fed_tokens / total_s,
+        "padding_fraction": 1 - fed_tokens / max(1, sum(b["padded_tokens"] for b in timed)),
+        "timed_fed_tokens": fed_tokens,
         "timed_model_tokens": model_tokens,
         "first_batch_model_tokens": first["batches"][0]["model_tokens"],
         "first_batch_unique_tokens": first["batches"][0]["unique_tokens"],
@@ -724,6 +757,8 @@ def run_pair(args: argparse.Namespace, model_dir: Path, tmp: Path, label: str = 
     selection = select_pairs(args.data, model_dir, args.max_length, args.n_pairs, data_file)
     results: dict[str, list[dict]] = {t: [] for t in tools}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]
         interleave = args.interleave == "steps" and len(tools) == 2
@@ -738,8 +773,11 @@ def run_pair(args: argparse.Namespace, model_dir: Path, tmp: Path, label: str = 
                 result_file = tmp / f"result-{tool}-{args.max_length}-{rep}.json"
                 log_file = tmp / f"log-{tool}-{args.max_length}-{rep}.txt"
                 # a fresh datasets cache per run: TRL caches precomputed reference log-probs there
+                # (and preftune keeps them in its own cache: a fresh one per run, so each run computes them)
                 tool_env = dict(
-                    env, HF_DATASETS_CACHE=str(tmp / f"hf-datasets-{tool}-{args.max_length}-{rep}")
+                    env,
+                    HF_DATASETS_CACHE=str(tmp / f"hf-datasets-{tool}-{args.max_length}-{rep}"),
+                    PREFTUNE_CACHE=str(tmp / f"preftune-cache-{args.max_length}-{rep}"),
                 )
                 argv = worker_argv(
                     args,
@@ -823,9 +861,8 @@ def compare(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
     cuda = torch.cuda.is_available()
-    device = (
-        torch.cuda.get_device_name() if cuda else f"CPU x{os.cpu_count()} ({torch.get_num_threads()} threads)"
-    )
+    threads = args.threads or torch.get_num_threads()
+    device = torch.cuda.get_device_name() if cuda else f"CPU x{os.cpu_count()} ({threads} threads per worker)"
     print(
         f"\nDPO step benchmark: model {args.model} ({model_dir.name}), {args.precision}, max_length "
         f"{args.max_length}, batch {args.batch_size} pairs, LoRA r={args.lora_r} all-linear, "
@@ -838,7 +875,7 @@ def compare(args: argparse.Namespace) -> None:
     )
     print(
         "model FLOPs per step = (6 + 2*[reference forward]) * N * T; N = matmul params on the token path "
-        "(Linear weights incl. LM head + LoRA), T = non-pad model tokens of the step"
+        "(Linear weights incl. LM head + LoRA), T = non-pad tokens fed to the model in the step"
     )
     rows = [
         ("pairs/s", "pairs_per_s", ".3f"),
@@ -848,7 +885,9 @@ def compare(args: argparse.Namespace) -> None:
         ("median step s", "step_s_median", ".2f"),
         ("CPU s per pair (process time)", "cpu_s_per_pair", ".2f"),
         ("others' load during steps", "others_load_mean", ".0%"),
-        ("padding fraction", "padding_fraction", ".3f"),
+        ("tokens fed to the model /s", "fed_tokens_per_s", ".1f"),
+        ("padding fraction (of fed rows)", "padding_fraction", ".3f"),
+        ("timed tokens fed (non-pad)", "timed_fed_tokens", "d"),
         ("first-batch model tokens", "first_batch_model_tokens", "d"),
         ("first-batch tokens (prompt once)", "first_batch_unique_tokens", "d"),
         ("timed model tokens", "timed_model_tokens", "d"),
@@ -893,10 +932,11 @@ def compare(args: argparse.Namespace) -> None:
         "repeats": args.repeats,
         "precompute_ref": args.precompute_ref,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "threads": args.threads or None,
         "n_pairs": selection["n_pairs"],
         "device": device,
         "matmul_peak_tflops": {"fp32": probe["fp32_tflops"], "bf16": probe["bf16_tflops"]},
-        "flops_formula": "(6 + 2 if reference forward else 6) * N_matmul_params * T_nonpad_model_tokens",
+        "flops_formula": "(6 + 2 if reference forward else 6) * N_matmul_params * T_nonpad_tokens_fed",
         "versions": code_version(),
     }
     for tool in tools:
@@ -905,6 +945,14 @@ def compare(args: argparse.Namespace) -> None:
         trl_s, ours = summ["trl"], summ["preftune"]
         # the same batch, timed back to back (with --interleave steps): per-step ratios TRL / preftune
         paired = [t / o for t, o in zip(trl_s["step_s"], ours["step_s"], strict=True)]
+        quiet = [
+            i
+            for i in range(len(paired))
+            if trl_s["others_load"][i] < args.quiet_load and ours["others_load"][i] < args.quiet_load
+        ]
+        quiet_speedup = (
+            sum(trl_s["step_s"][i] for i in quiet) / sum(ours["step_s"][i] for i in quiet) if quiet else None
+        )
         print(
             "\nper timed step (same batch for both): model tokens, TRL s, preftune s, TRL/preftune, others' load"
         )
@@ -925,6 +973,8 @@ def compare(args: argparse.Namespace) -> None:
         out |= {
             "speedup": ours["pairs_per_s"] / trl_s["pairs_per_s"],
             "speedup_median_paired_step": statistics.median(paired),
+            "speedup_quiet_steps": quiet_speedup,
+            "quiet_steps": len(quiet),
             "speedup_cpu_time": trl_s["cpu_s_per_pair"] / ours["cpu_s_per_pair"],
             "peak_rss_ratio": ours["peak_rss_mib"] / trl_s["peak_rss_mib"],
             "train_peak_rss_ratio": ours["train_peak_rss_mib"] / trl_s["train_peak_rss_mib"],
@@ -938,7 +988,8 @@ def compare(args: argparse.Namespace) -> None:
         }
         print(
             f"\nspeedup (preftune pairs/s / TRL): {out['speedup']:.3f} (median of paired steps "
-            f"{out['speedup_median_paired_step']:.3f}, by CPU time {out['speedup_cpu_time']:.3f})   "
+            f"{out['speedup_median_paired_step']:.3f}, on the {len(quiet)} quiet step pair(s) "
+            f"{_fmt(quiet_speedup, '.3f')}, by CPU time {out['speedup_cpu_time']:.3f})   "
             f"peak RSS ratio: {out['peak_rss_ratio']:.3f}   "
             f"logps/chosen rel. diff: {_fmt(rel, '.2e')} ({'agree' if out['logps_agree_0.5pct'] else 'DISAGREE'} "
             f"within 0.5%)   tokens match: {tokens_match}"
@@ -1015,6 +1066,10 @@ def sweep(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:  # the matmul probe (parent) and the workers use the same thread count
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         run_worker(args)
     elif args.sweep:

@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--n_pairs", type=int, default=64)
     p.add_argument("--gradient_checkpointing", choices=("default", "on", "off"), default="default")
     p.add_argument("--precompute_ref", action="store_true")
+    p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--no_torch_profiler", action="store_true")
     p.add_argument("--top", type=int, default=25)
     cli = p.parse_args()
@@ -115,6 +116,7 @@ def main() -> None:
             "--precision", cli.precision, "--max_length", str(cli.max_length),
             "--batch_size", str(cli.batch_size), "--warmup", str(cli.warmup),
             "--steps", str(cli.steps + profiled), "--gradient_checkpointing", cli.gradient_checkpointing,
+            "--lora_dropout", str(cli.lora_dropout),
         ]
         + (["--precompute_ref"] if cli.precompute_ref else [])
     )  # fmt: skip
@@ -197,6 +199,7 @@ def main() -> None:
     n = len(steps)
     print(f"\npreftune step profile: {cli.model}, {cli.precision}, max_length {cli.max_length}, batch "
           f"{cli.batch_size}, checkpointing {info['gradient_checkpointing']}, precompute_ref {cli.precompute_ref}, "
+          f"lora_dropout {cli.lora_dropout}, "
           f"{n} measured step(s), torch threads {torch.get_num_threads()}")  # fmt: skip
     mean_step = sum(s["step_s"] for s in steps) / n
     phases = ["reference forward", "policy forward", "backward", "optimizer"]
@@ -249,6 +252,37 @@ def main() -> None:
         for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {g:40}{t / 1e3:>10.0f} ms{t / total_self:>8.1%}")
         results["op_groups_ms"] = {g: t / 1e3 for g, t in groups.items()}
+
+        # live tensor memory over the step: every allocation/free the profiler saw, in time order
+        events = prof.events()
+        phases_at = [
+            (e.time_range.start, e.time_range.end, e.name.split("::", 1)[1])
+            for e in events
+            if e.name.startswith("phase::")
+        ]
+        deltas = sorted(
+            (e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage
+        )
+        live, peak_at, peak = 0, None, 0
+        per_phase = collections.defaultdict(int)
+
+        def phase_of(t):
+            inner = [p for p in phases_at if p[0] <= t <= p[1]]
+            return min(inner, key=lambda p: p[1] - p[0])[2] if inner else "other"
+
+        for t, d in deltas:
+            live += d
+            if live > peak:
+                peak, peak_at = live, t
+            ph = phase_of(t)
+            per_phase[ph] = max(per_phase[ph], live)
+        print(
+            f"\nlive tensor memory allocated during the profiled step (from profiler alloc/free events): "
+            f"peak +{peak / 2**20:.0f} MiB over the step start, reached in {phase_of(peak_at) if peak_at else '-'}; "
+            "peak per phase: " + ", ".join(f"{k} +{v / 2**20:.0f} MiB" for k, v in per_phase.items())
+        )
+        results["live_peak_mib"] = peak / 2**20
+        results["live_peak_per_phase_mib"] = {k: v / 2**20 for k, v in per_phase.items()}
     results["token_budget"] = {
         "padded": padded, "real": model_tok, "unique": unique, "prompt_copy": prompt_dup, "reply": reply,
     }  # fmt: skip

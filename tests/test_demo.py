@@ -17,7 +17,16 @@ def test_recipe_matches_demo_settings():
 
 def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_model_dir):
     out = tmp_path / "demo"
-    argv = ["--output_dir", str(out), "--model_name_or_path", str(tiny_model_dir), "--n_train", "16", "--n_test", "4"]
+    argv = [
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--n_train",
+        "16",
+        "--n_test",
+        "4",
+    ]
     argv += ["--max_new_tokens", "4", "--", "--bf16", "false", "--max_steps", "2"]
     assert demo_main(argv) == 0
     results = json.loads((out / "demo_results.json").read_text())

@@ -1,10 +1,17 @@
-"""Sequence log-probs: the chunked and plain paths against a naive per-token loop."""
+"""Sequence log-probs: the chunked and plain paths, padded and shared-prompt layouts, against a naive
+per-token loop."""
 
+import pytest
 import torch
 from conftest import make_tiny_llama
 
-from preftune.training.batching import PairCollator
-from preftune.training.logprobs import chunked_sequence_logps, plain_sequence_logps, sequence_logps
+from preftune.training.batching import PairCollator, SharedPromptCollator
+from preftune.training.logprobs import (
+    batch_logps,
+    chunked_sequence_logps,
+    plain_sequence_logps,
+    supports_shared_prompt,
+)
 
 VOCAB = 97
 
@@ -58,8 +65,8 @@ def test_plain_and_chunked_match_naive():
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
         expected = naive_logps(model, *args)
-        plain = plain_sequence_logps(model, *args)
-        chunked = chunked_sequence_logps(model, *args, chunk_size=4)  # several chunks
+        plain = plain_sequence_logps(model, batch)
+        chunked = chunked_sequence_logps(model, batch, chunk_size=4)  # several chunks
     torch.testing.assert_close(plain.logps.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(chunked.logps.double(), expected, rtol=1e-5, atol=1e-4)
     assert plain.n_tokens.tolist() == [4, 2, 6, 7, 3, 1]
@@ -68,11 +75,10 @@ def test_plain_and_chunked_match_naive():
 def test_chunked_gradients_match_plain():
     model = make_tiny_llama(VOCAB)
     _, batch = batch_of_pairs(seed=1)
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     grads = []
     for fn in (plain_sequence_logps, lambda *a: chunked_sequence_logps(*a, chunk_size=3)):
         model.zero_grad()
-        fn(model, *args).logps.sum().backward()
+        fn(model, batch).logps.sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
@@ -85,11 +91,99 @@ def test_chunked_works_through_peft():
         make_tiny_llama(VOCAB), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     )
     _, batch = batch_of_pairs(seed=2)
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
-        chunked = sequence_logps(model, *args, chunked=True).logps
-        plain = sequence_logps(model, *args, chunked=False).logps
+        chunked = batch_logps(model, batch, chunked=True).logps
+        plain = batch_logps(model, batch, chunked=False).logps
         with model.disable_adapter():
-            base = sequence_logps(model, *args).logps
+            base = batch_logps(model, batch).logps
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(chunked, base)  # the adapter is really applied
+
+
+# ---- shared-prompt layout: [prompt | chosen | rejected] per pair, short pairs packed together -----
+
+
+def shared_features(seed=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    # lengths 16, 6, 5, 4, 12: the short pairs share rows of the longest pair's length
+    return [
+        {"prompt_ids": ids(5), "chosen_ids": ids(4), "rejected_ids": ids(7)},
+        {"prompt_ids": ids(3), "chosen_ids": ids(2), "rejected_ids": ids(1)},
+        {"prompt_ids": ids(1), "chosen_ids": ids(3), "rejected_ids": ids(1)},
+        {"prompt_ids": ids(2), "chosen_ids": ids(1), "rejected_ids": ids(1)},
+        {"prompt_ids": ids(9), "chosen_ids": ids(2), "rejected_ids": ids(1)},
+    ]
+
+
+def test_shared_prompt_collator_layout():
+    features = shared_features()
+    batch = SharedPromptCollator(pad_token_id=0)(features)
+    rows, length = batch["input_ids"].shape
+    assert length == 16 and rows < len(features)  # packed: fewer rows than pairs
+    n = len(features)
+    assert batch["reply_lengths"].tolist() == [4, 2, 3, 1, 2, 7, 1, 1, 1, 1]
+    flat_ids = batch["input_ids"].flatten()
+    for i, f in enumerate(features):
+        where = (batch["segment_ids"] == i).nonzero()
+        r, cols = where[0, 0].item(), where[:, 1]
+        assert (where[:, 0] == r).all()  # a pair never straddles rows
+        p, c, j = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
+        assert batch["input_ids"][r, cols].tolist() == p + c + j
+        assert batch["position_ids"][r, cols].tolist() == list(range(len(p) + len(c))) + list(
+            range(len(p), len(p) + len(j))
+        )
+        assert batch["branch_ids"][r, cols].tolist() == [0] * len(p) + [1] * len(c) + [2] * len(j)
+        # every reply token is predicted by the token before it in its own sequence
+        for row_id, reply in ((i, c), (n + i, j)):
+            picked = batch["target_rows"] == row_id
+            assert batch["target_ids"][picked].tolist() == reply
+            predictors = flat_ids[batch["predict_index"][picked]].tolist()
+            assert predictors == [p[-1]] + reply[:-1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_matches_padded(attn):
+    """Same sums and token counts as the padded layout's plain path, fp32, within 1e-4."""
+    model = make_tiny_llama(VOCAB)
+    model.config._attn_implementation = attn
+    model.eval()
+    features = shared_features()
+    padded = PairCollator(pad_token_id=0)(features)
+    shared = SharedPromptCollator(pad_token_id=0)(features)
+    assert supports_shared_prompt(model, max_length=64)
+    with torch.no_grad():
+        expected = plain_sequence_logps(model, padded)
+        for out in (plain_sequence_logps(model, shared), chunked_sequence_logps(model, shared, chunk_size=5)):
+            torch.testing.assert_close(out.logps, expected.logps, rtol=0, atol=1e-4)
+            assert out.n_tokens.tolist() == expected.n_tokens.tolist()
+
+
+def test_shared_prompt_gradients_match_padded():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        make_tiny_llama(VOCAB), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    features = shared_features(seed=4)
+    grads = []
+    for batch in (PairCollator(pad_token_id=0)(features), SharedPromptCollator(pad_token_id=0)(features)):
+        model.zero_grad()
+        logps = batch_logps(model, batch).logps
+        (logps * torch.linspace(0.5, 1.5, logps.shape[0])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_needs_a_mask_taking_attention():
+    model = make_tiny_llama(VOCAB)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not supports_shared_prompt(model, max_length=64)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 32
+    assert not supports_shared_prompt(model, max_length=64)  # the window would be ignored
+    assert supports_shared_prompt(model, max_length=16)

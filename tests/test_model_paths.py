@@ -26,7 +26,7 @@ from preftune.models.prepare import (
 )
 from preftune.training import dpo
 from preftune.training.batching import PairCollator
-from preftune.training.logprobs import sequence_logps
+from preftune.training.logprobs import batch_logps
 
 ARG_TYPES = (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments)
 
@@ -55,7 +55,7 @@ def logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        out = batch_logps(model, batch)
     finally:
         model.train(was_training)
     return out.logps
@@ -72,6 +72,7 @@ def make_trainer(prepared, tmp_path: Path, **pref):
         TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to="none", use_cpu=True),
         train=[{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}],
         held_out=[],
+        max_length=64,
     )
 
 

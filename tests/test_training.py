@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.models.prepare import REFERENCE_ADAPTER
 from preftune.training import common, dpo
-from preftune.training.logprobs import sequence_logps
+from preftune.training.logprobs import batch_logps
 
 ARG_TYPES = (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments)
 METRICS = (
@@ -59,7 +59,7 @@ def logps(model, batch) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).logps
+        return batch_logps(model, batch).logps
     finally:
         model.train(was_training)
 
@@ -299,6 +299,85 @@ def test_precomputed_reference_gives_the_same_metrics(lora_dropout, tiny_model_d
         [h["loss"] for h in t.state.log_history if "loss" in h] for t in (otf_trainer, pre_trainer)
     ]
     assert train_losses[1] == pytest.approx(train_losses[0], abs=1e-4)
+
+
+def test_reference_log_probs_are_cached_and_reused(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A second run with the same pairs and reference reads the first run's reference log-probs."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    common = ("--use_peft_lora", "--precompute_ref_log_probs", "true", "--max_steps", "1")
+    _, first, _ = run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "a", *common))
+    files = list((tmp_path / "cache" / "reference-logps").glob("*.json"))
+    assert len(files) == 1
+    cached = json.loads(files[0].read_text())
+    assert cached["ref_chosen_logps"] == [p["ref_chosen_logps"] for p in first.train_dataset]
+    # mark the file: if the next run reads it, its pairs carry the marked values
+    cached["ref_chosen_logps"] = [v + 1.0 for v in cached["ref_chosen_logps"]]
+    files[0].write_text(json.dumps(cached))
+    _, second, _ = run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "b", *common))
+    assert [p["ref_chosen_logps"] for p in second.train_dataset] == cached["ref_chosen_logps"]
+    # other pairs (shorter max length) or another reference (IPO's per-token means, another base
+    # model) get their own file
+    run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "c", *common, "--max_seq_length", "24"))
+    run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / "d", *common, "--loss_type", "ipo"))
+    assert len(list((tmp_path / "cache" / "reference-logps").glob("*.json"))) == 3
+    _, off, _ = run_capturing(
+        dpo_args(tiny_model_dir, data_file, tmp_path / "e", *common, "--cache_ref_log_probs", "false")
+    )
+    assert [p["ref_chosen_logps"] for p in off.train_dataset] == pytest.approx(
+        [p["ref_chosen_logps"] for p in first.train_dataset], abs=1e-5
+    )
+
+
+def test_reference_fingerprint_follows_the_weights():
+    from conftest import make_tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.training.reference_cache import reference_weights_fingerprint
+
+    def lora(seed):
+        return get_peft_model(make_tiny_llama(97, seed=seed), LoraConfig(r=4, target_modules="all-linear"))
+
+    a = reference_weights_fingerprint(lora(0), "adapter_disabled")
+    assert a == reference_weights_fingerprint(lora(0), "adapter_disabled")
+    assert a != reference_weights_fingerprint(lora(1), "adapter_disabled")
+    trained = lora(0)
+    with torch.no_grad():  # the trainable adapter changes: the reference does not
+        next(p for n, p in trained.named_parameters() if "lora_B" in n).add_(1.0)
+    assert reference_weights_fingerprint(trained, "adapter_disabled") == a
+
+
+# --------------------------------------------------------------------------- shared-prompt rows
+
+
+def test_shared_prompt_rows_train_like_padded_rows(tiny_model_dir, data_file, tmp_path):
+    """The default shared-prompt layout and two padded rows per pair give the same losses and metrics."""
+    from preftune.training.batching import PairCollator, SharedPromptCollator
+
+    common = (
+        "--use_peft_lora", "--lora_dropout", "0", "--per_device_train_batch_size", "3",
+        "--test_size", "2", "--do_eval", "true", "--learning_rate", "1e-2", "--max_steps", "3",
+    )  # fmt: skip
+    shared, shared_trainer, _ = run_capturing(
+        dpo_args(tiny_model_dir, data_file, tmp_path / "shared", *common)
+    )
+    padded, padded_trainer, _ = run_capturing(
+        dpo_args(tiny_model_dir, data_file, tmp_path / "padded", *common, "--share_prompt", "false")
+    )
+    assert isinstance(shared_trainer.data_collator, SharedPromptCollator)
+    assert isinstance(padded_trainer.data_collator, PairCollator)
+
+    def history(trainer):
+        return [
+            {k: v for k, v in h.items() if k in {"loss", "grad_norm", *METRICS}}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ]
+
+    expected = history(padded_trainer)
+    assert len(expected) == 3
+    for got, want in zip(history(shared_trainer), expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert shared.eval_metrics["eval_loss"] == pytest.approx(padded.eval_metrics["eval_loss"], abs=1e-4)
 
 
 # --------------------------------------------------------------------------- gradient checkpointing

@@ -91,7 +91,9 @@ class DataArguments:
     )
     max_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "Prompts are cut from the left to this many tokens (default: half of --max_seq_length)."},
+        metadata={
+            "help": "Prompts are cut from the left to this many tokens (default: half of --max_seq_length)."
+        },
     )
     on_bad_rows: str = field(
         default="error", metadata={"help": "error: stop at bad rows; skip: drop them and report."}
@@ -134,9 +136,24 @@ class PreferenceArguments:
             "help": "Compute log-probs from hidden states in chunks (lean memory); false: full logits."
         },
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair's prompt once for both replies (one [prompt|chosen|rejected] segment per "
+            "pair, short pairs packed together, a custom attention mask; needs sdpa or eager attention, "
+            "else padded rows are used); false: two padded rows per pair."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute the reference log-probs once before training instead of every step."},
+    )
+    cache_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "With --precompute_ref_log_probs: keep them on disk ($PREFTUNE_CACHE/reference-logps, "
+            "keyed by the token ids, the reference weights and the precision) and reuse them in later runs."
+        },
     )
 
 

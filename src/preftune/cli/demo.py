@@ -43,6 +43,7 @@ DEMO_SETTINGS = {
     "per_device_eval_batch_size": 16,
     "logging_steps": 2,
     "bf16": True,
+    "gradient_checkpointing": False,  # a small model on little data: speed over memory
     "eval_strategy": "no",
     "save_strategy": "no",
     "report_to": "none",
@@ -55,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preftune demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M-Instruct"
+    )
     parser.add_argument("--n_train", type=int, default=128, help="training pairs")
     parser.add_argument("--n_test", type=int, default=64, help="held-out pairs and prompts")
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--judge", default=None, help="rule judge spec (default: the demo data's json_answer)")
+    parser.add_argument(
+        "--judge", default=None, help="rule judge spec (default: the demo data's json_answer)"
+    )
     return parser
 
 
@@ -89,9 +94,14 @@ def main(argv: list[str]) -> int:
     out = Path(args.output_dir)
 
     data_dir = write_demo_dataset(out / "data", n_train=args.n_train, n_test=args.n_test)
-    console.print(f"[bold]1/3[/bold] demo data: {args.n_train} training pairs, {args.n_test} held-out, in {data_dir}")
+    console.print(
+        f"[bold]1/3[/bold] demo data: {args.n_train} training pairs, {args.n_test} held-out, in {data_dir}"
+    )
 
-    settings = training_defaults(DEMO_SETTINGS) | {"dataset_name": str(data_dir), "output_dir": str(out / "model")}
+    settings = training_defaults(DEMO_SETTINGS) | {
+        "dataset_name": str(data_dir),
+        "output_dir": str(out / "model"),
+    }
     if args.model_name_or_path:
         settings["model_name_or_path"] = args.model_name_or_path
     model_args, data_args, pref_args, training_args = parse_command_args(
@@ -151,13 +161,27 @@ def _print_summary(console: Console, s: dict, out: Path) -> None:
     table.add_column("held-out measure")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row(f"rule-judged pass rate ({s['judge']}, greedy)", f"{s['pass_rate_before']:.0%}", f"{s['pass_rate_after']:.0%}")
-    table.add_row("... and the answer is right (json_answer_correct)", f"{s['correct_rate_before']:.0%}", f"{s['correct_rate_after']:.0%}")
-    table.add_row("log p(chosen) > log p(rejected)", f"{s['likelihood_accuracy_before']:.0%}", f"{s['likelihood_accuracy_after']:.0%}")
+    table.add_row(
+        f"rule-judged pass rate ({s['judge']}, greedy)",
+        f"{s['pass_rate_before']:.0%}",
+        f"{s['pass_rate_after']:.0%}",
+    )
+    table.add_row(
+        "... and the answer is right (json_answer_correct)",
+        f"{s['correct_rate_before']:.0%}",
+        f"{s['correct_rate_after']:.0%}",
+    )
+    table.add_row(
+        "log p(chosen) > log p(rejected)",
+        f"{s['likelihood_accuracy_before']:.0%}",
+        f"{s['likelihood_accuracy_after']:.0%}",
+    )
     table.add_row("implicit-reward accuracy", "-", f"{s['reward_accuracy_after']:.0%}")
     low, high = s["win_rate_ci"]
     table.add_row(
-        f"win rate vs reference ({s['judge']}; 95% Wilson)", "-", f"{s['win_rate']:.0%} [{low:.0%}, {high:.0%}]"
+        f"win rate vs reference ({s['judge']}; 95% Wilson)",
+        "-",
+        f"{s['win_rate']:.0%} [{low:.0%}, {high:.0%}]",
     )
     console.print(table)
     for sample in s["samples"][:2]:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from preftune.training.batching import PairCollator
-from preftune.training.logprobs import sequence_logps
+from preftune.training.logprobs import batch_logps
 
 
 @dataclass
@@ -45,7 +45,7 @@ def score_pairs(
     loader = DataLoader(pairs, batch_size=batch_size, collate_fn=PairCollator(pad_token_id))
     for batch in tqdm(loader, desc=desc, disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).logps
+        logps = batch_logps(model, batch).logps
         half = logps.shape[0] // 2
         chosen.append(logps[:half].cpu())
         rejected.append(logps[half:].cpu())

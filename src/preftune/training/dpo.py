@@ -15,7 +15,8 @@ from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
 from preftune.models.prepare import PreparedModels, prepare_models
 from preftune.training import common
-from preftune.training.batching import PairCollator
+from preftune.training.batching import PairCollator, SharedPromptCollator
+from preftune.training.logprobs import supports_shared_prompt
 from preftune.training.trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
@@ -76,17 +77,30 @@ def tokenized_splits(
     return train, held_out
 
 
+def pair_collator(
+    prepared: PreparedModels, pref_args: PreferenceArguments, max_length: int
+) -> PairCollator | SharedPromptCollator:
+    """Shared-prompt rows where the model takes a custom attention mask, else padded rows."""
+    pad_token_id = prepared.tokenizer.pad_token_id
+    if pref_args.share_prompt and supports_shared_prompt(prepared.model, max_length):
+        return SharedPromptCollator(pad_token_id=pad_token_id)
+    if pref_args.share_prompt:
+        logger.info("--share_prompt: this model's attention takes no custom mask; using padded rows")
+    return PairCollator(pad_token_id=pad_token_id)
+
+
 def build_trainer(
     prepared: PreparedModels,
     pref_args: PreferenceArguments,
     training_args: TrainingArguments,
     train: list[dict],
     held_out: list[dict],
+    max_length: int,
 ) -> PreferenceTrainer:
     return PreferenceTrainer(
         model=prepared.model,
         args=training_args,
-        data_collator=PairCollator(pad_token_id=prepared.tokenizer.pad_token_id),
+        data_collator=pair_collator(prepared, pref_args, max_length),
         train_dataset=train,
         eval_dataset=held_out or None,
         processing_class=prepared.tokenizer,
@@ -116,7 +130,7 @@ def run_dpo(
     )
 
     common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
-    trainer = build_trainer(prepared, pref_args, training_args, train, held_out)
+    trainer = build_trainer(prepared, pref_args, training_args, train, held_out, data_args.max_seq_length)
     if trainer.is_world_process_zero():
         common.save_run_config(
             training_args.output_dir,
@@ -126,9 +140,12 @@ def run_dpo(
             training=training_args,
         )
     if pref_args.precompute_ref_log_probs:
-        trainer.precompute_reference_logps(train, desc="reference log-probs (train)")
+        cache = pref_args.cache_ref_log_probs
+        trainer.precompute_reference_logps(train, desc="reference log-probs (train)", use_cache=cache)
         if held_out:
-            trainer.precompute_reference_logps(held_out, desc="reference log-probs (held-out)")
+            trainer.precompute_reference_logps(
+                held_out, desc="reference log-probs (held-out)", use_cache=cache
+            )
 
     train_output = common.train(trainer, resume)
     # --eval_strategy no (and no --do_eval) skips the final evaluation, e.g. for the demo, which

@@ -1,14 +1,23 @@
 """Sequence log-probabilities of the reply tokens, the quantity every preference loss is built on.
 
-Two paths that give the same numbers:
+A batch of B pairs always yields 2B sums: the B chosen replies, then the B rejected ones. Two batch
+layouts feed the model (see preftune.training.batching):
 
-- `plain`: run the causal LM, take its [rows, tokens, vocab] logits, log-softmax, gather. Simple,
-  works for any model, and it is what the tests compare against.
-- `chunked` (default): run the model for its last hidden states, then apply the LM head to the
-  reply positions alone, a chunk of tokens at a time, each chunk under activation checkpointing.
-  Prompt and padding positions never reach the LM head, and the fp32 logits never exist for more
-  than one chunk at once, in the forward or the backward pass. With vocabularies of 50k-250k this
-  is most of a small model's activation memory.
+- padded: 2B rows, prompt + chosen and prompt + rejected, right-padded (`PairCollator`);
+- shared prompt (default): each pair is one segment `[prompt | chosen | rejected]`, several short
+  pairs may share a row (`SharedPromptCollator`). A custom attention mask lets the rejected reply
+  see the prompt but not the chosen reply, and its position ids restart where the prompt ends, so
+  every token computes exactly what it would in its own padded row, while the prompt is run once.
+
+Two ways to turn the model's outputs into log-probs, with the same numbers:
+
+- `plain`: take the [rows, tokens, vocab] logits, log-softmax, gather. Simple, works for any model,
+  and it is what the tests compare against.
+- `chunked` (default): ask the model for its last hidden states, then apply the LM head to the
+  positions that predict a reply token alone, a chunk at a time, each chunk under activation
+  checkpointing. Prompt and padding positions never reach the LM head, and the fp32 logits never
+  exist for more than one chunk at once, in the forward or the backward pass. With vocabularies of
+  50k-250k this is most of a small model's activation memory.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
 
+# Attention implementations that take a custom [rows, 1, tokens, tokens] mask from transformers.
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+
 
 @dataclass
 class SequenceLogps:
@@ -32,6 +44,16 @@ class SequenceLogps:
 
     def mean_per_token(self) -> Tensor:
         return self.logps / self.n_tokens.clamp(min=1)
+
+
+@dataclass
+class ReplyTargets:
+    """Where the reply tokens are: which output position predicts which token, for which sum."""
+
+    index: Tensor  # [n] flat position (row * tokens + t) in the model's output that predicts the token
+    targets: Tensor  # [n] the reply token
+    rows: Tensor  # [n] which of the n_rows sums (chosen 0..B-1, rejected B..2B-1) it adds to
+    n_rows: int
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,34 +67,91 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _shifted_targets(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Position t predicts token t+1: the mask of predicting positions and the tokens they predict."""
-    predict_mask = loss_mask[:, 1:].bool()
-    targets = input_ids[:, 1:][predict_mask]
-    return predict_mask, targets
+# ---- the two batch layouts -----------------------------------------------------------------------
 
 
-def _sum_per_row(token_logps: Tensor, predict_mask: Tensor) -> SequenceLogps:
-    rows = predict_mask.nonzero()[:, 0]
-    n_rows = predict_mask.shape[0]
-    sums = torch.zeros(n_rows, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps.float())
-    return SequenceLogps(logps=sums, n_tokens=predict_mask.sum(dim=1))
+def is_shared_prompt_batch(batch: dict[str, Tensor]) -> bool:
+    return "segment_ids" in batch
 
 
-def plain_sequence_logps(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    loss_mask: Tensor,
-    position_ids: Tensor | None = None,
-) -> SequenceLogps:
+def reply_targets(batch: dict[str, Tensor]) -> ReplyTargets:
+    """The reply tokens of either layout, as flat positions of the model's output."""
+    if is_shared_prompt_batch(batch):
+        # the collator already lists them: position i predicts token i + 1 of the same segment,
+        # except the first rejected token, predicted by the last prompt token
+        return ReplyTargets(
+            batch["predict_index"], batch["target_ids"], batch["target_rows"], len(batch["reply_lengths"])
+        )
+    # padded rows: position t predicts token t + 1 where loss_mask[t + 1] is set
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    n_rows, length = input_ids.shape
+    predict = torch.zeros_like(loss_mask, dtype=torch.bool)
+    predict[:, :-1] = loss_mask[:, 1:].bool()
+    rows, t = predict.nonzero(as_tuple=True)
+    return ReplyTargets(rows * length + t, input_ids[rows, t + 1], rows, n_rows)
+
+
+def shared_prompt_mask(
+    segment_ids: Tensor, branch_ids: Tensor, attn_implementation: str, dtype: torch.dtype
+) -> Tensor:
+    """[rows, 1, tokens, tokens] mask: a token sees the earlier tokens of its own pair's prompt and of
+    its own reply (branch 1 chosen, 2 rejected; 0 prompt), never the other reply or another pair.
+    Padding (segment -1) sees earlier padding, so no query row is empty (no NaN from softmax)."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same_pair = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_branch, query_branch = branch_ids[:, None, :], branch_ids[:, :, None]
+    same_branch = (key_branch == 0) | (key_branch == query_branch)
+    allowed = (causal & same_pair & same_branch).unsqueeze(1)
+    if attn_implementation == "sdpa":
+        return allowed  # SDPA takes a boolean mask: True = attend
+    # eager attention adds the mask to the scores
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The forward arguments of either layout."""
+    if not is_shared_prompt_batch(batch):
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    causal_lm = unwrap_causal_lm(model)
+    mask = shared_prompt_mask(
+        batch["segment_ids"],
+        batch["branch_ids"],
+        causal_lm.config._attn_implementation,
+        causal_lm.get_input_embeddings().weight.dtype,
+    )
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+
+
+def supports_shared_prompt(model: torch.nn.Module, max_length: int) -> bool:
+    """A custom 4D mask needs sdpa/eager attention and no sliding window shorter than the rows."""
+    config = unwrap_causal_lm(model).config
+    window = getattr(config, "sliding_window", None)
+    short_window = window is not None and (
+        getattr(config, "use_sliding_window", True) and window < max_length
+    )
+    return config._attn_implementation in SHARED_PROMPT_ATTENTION and not short_window
+
+
+# ---- log-probs from the model's outputs -------------------------------------------------------
+
+
+def _sum_per_row(token_logps: Tensor, targets: ReplyTargets) -> SequenceLogps:
+    sums = torch.zeros(targets.n_rows, dtype=torch.float32, device=token_logps.device)
+    sums = sums.index_add(0, targets.rows, token_logps.float())
+    counts = torch.bincount(targets.rows, minlength=targets.n_rows)
+    return SequenceLogps(logps=sums, n_tokens=counts)
+
+
+def plain_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
     """Reference implementation: full logits, log-softmax in fp32, gather the reply tokens."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    predict_mask, targets = _shifted_targets(input_ids, loss_mask)
-    logps = logits[:, :-1].float().log_softmax(dim=-1)[predict_mask]  # [n_reply_tokens, vocab]
-    token_logps = logps.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return _sum_per_row(token_logps, predict_mask)
+    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    targets = reply_targets(batch)
+    logps = logits.flatten(0, 1)[targets.index].float().log_softmax(dim=-1)  # [n_reply_tokens, vocab]
+    token_logps = logps.gather(1, targets.targets.unsqueeze(1)).squeeze(1)
+    return _sum_per_row(token_logps, targets)
 
 
 def _chunk_token_logps(
@@ -84,43 +163,36 @@ def _chunk_token_logps(
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+# fp32 logits per chunk: 2**24 floats (64 MiB), e.g. 341 tokens of a 49k vocabulary, 65 of a 256k one
+CHUNK_LOGITS = 2**24
+
+
 def chunked_sequence_logps(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    loss_mask: Tensor,
-    position_ids: Tensor | None = None,
-    chunk_size: int = 1024,
+    model: torch.nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None
 ) -> SequenceLogps:
-    """Same result as `plain_sequence_logps`, with the LM head applied to reply tokens only, in chunks."""
+    """Same result as `plain_sequence_logps`, with the LM head applied to reply tokens only, in chunks
+    of `chunk_size` tokens (default: CHUNK_LOGITS fp32 logits per chunk)."""
     causal_lm = unwrap_causal_lm(model)
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
 
     # Go through the wrapped model's own forward (so DDP/FSDP hooks and PEFT adapters apply), ask
     # for the last hidden state (after the final norm) and only one position of logits.
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    hidden = out.hidden_states[-1]
-    predict_mask, targets = _shifted_targets(input_ids, loss_mask)
-    reply_hidden = hidden[:, :-1][predict_mask]  # [n_reply_tokens, hidden]
+    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    targets = reply_targets(batch)
+    reply_hidden = out.hidden_states[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
 
     pieces = []
     for start in range(0, reply_hidden.shape[0], chunk_size):
-        h, t = reply_hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        h, t = reply_hidden[start : start + chunk_size], targets.targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
             pieces.append(checkpoint(_chunk_token_logps, h, t, lm_head, softcap, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(h, t, lm_head, softcap))
     token_logps = torch.cat(pieces) if pieces else reply_hidden.new_zeros(0, dtype=torch.float32)
-    return _sum_per_row(token_logps, predict_mask)
+    return _sum_per_row(token_logps, targets)
 
 
 def supports_chunked_logps(model: torch.nn.Module) -> bool:
@@ -136,15 +208,10 @@ def supports_chunked_logps(model: torch.nn.Module) -> bool:
     )
 
 
-def sequence_logps(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    loss_mask: Tensor,
-    position_ids: Tensor | None = None,
-    chunked: bool = True,
-) -> SequenceLogps:
-    """Summed reply-token log-probs per row; `chunked` picks the memory-lean path when the model allows."""
+def batch_logps(model: torch.nn.Module, batch: dict[str, Tensor], chunked: bool = True) -> SequenceLogps:
+    """Summed reply-token log-probs: 2B sums for a batch of B pairs (chosen first, then rejected).
+
+    `chunked` picks the memory-lean path when the model allows."""
     if chunked and supports_chunked_logps(model):
-        return chunked_sequence_logps(model, input_ids, attention_mask, loss_mask, position_ids)
-    return plain_sequence_logps(model, input_ids, attention_mask, loss_mask, position_ids)
+        return chunked_sequence_logps(model, batch)
+    return plain_sequence_logps(model, batch)

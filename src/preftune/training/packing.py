@@ -20,27 +20,35 @@ import torch
 IGNORE_INDEX = -100
 
 
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each bin's lengths summing to at most `capacity`.
+
+    Best-fit decreasing: longest item first, each into the fullest bin it still fits in.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free room, bin index)
+    for i in order:
+        length = lengths[i]
+        if length > capacity:
+            raise ValueError(f"example of {length} tokens is longer than the packing length {capacity}")
+        slot = bisect.bisect_left(free, (length, -1))  # the bin with the least room that fits
+        if slot == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - length, len(bins) - 1))
+            continue
+        room, row = free.pop(slot)
+        bins[row].append(i)
+        bisect.insort(free, (room - length, row))
+    return bins
+
+
 def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     """Pack {"input_ids", "loss_mask"} examples into rows of at most max_length tokens.
 
-    Best-fit decreasing: longest example first, each into the fullest row it still fits in. Each row
-    also gets "seq_lengths", the lengths of its examples in order.
+    Each row also gets "seq_lengths", the lengths of its examples in order.
     """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
-    rows: list[list[int]] = []  # example indices per row
-    free: list[tuple[int, int]] = []  # sorted (free tokens, row index)
-    for i in order:
-        length = len(examples[i]["input_ids"])
-        if length > max_length:
-            raise ValueError(f"example of {length} tokens is longer than the packing length {max_length}")
-        slot = bisect.bisect_left(free, (length, -1))  # the row with the least room that fits
-        if slot == len(free):
-            rows.append([i])
-            bisect.insort(free, (max_length - length, len(rows) - 1))
-            continue
-        room, row = free.pop(slot)
-        rows[row].append(i)
-        bisect.insort(free, (room - length, row))
+    rows = best_fit_decreasing([len(e["input_ids"]) for e in examples], max_length)
     packed = []
     for members in rows:
         packed.append(

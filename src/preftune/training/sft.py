@@ -26,7 +26,7 @@ from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
 from preftune.training import common
-from preftune.training.logprobs import supports_chunked_logps, unwrap_causal_lm
+from preftune.training.logprobs import CHUNK_LOGITS, supports_chunked_logps, unwrap_causal_lm
 from preftune.training.packing import IGNORE_INDEX, SFTCollator, pack_examples
 
 logger = logging.getLogger("preftune")
@@ -61,7 +61,7 @@ def token_stats(
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
     chunked: bool = True,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> TokenStats:
     """NLL, target count and correct count of `labels` (position t predicts labels[t + 1]).
 
@@ -83,6 +83,7 @@ def token_stats(
     causal_lm = unwrap_causal_lm(model)
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
     hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     hidden = hidden[:, :-1][predict]  # [n_targets, hidden]
     nll = hidden.new_zeros((), dtype=torch.float32)

@@ -9,6 +9,7 @@ log-probs under no_grad, one of the preference losses, and the reward metrics lo
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -20,10 +21,12 @@ from transformers import Trainer
 from preftune.config import PreferenceArguments
 from preftune.losses import preference_loss
 from preftune.models.prepare import POLICY_ADAPTER, REFERENCE_ADAPTER
+from preftune.training import reference_cache
 from preftune.training.batching import REF_KEYS
-from preftune.training.logprobs import SequenceLogps, sequence_logps
+from preftune.training.logprobs import SequenceLogps, batch_logps, unwrap_causal_lm
 
 Tensor = torch.Tensor
+logger = logging.getLogger("preftune")
 
 
 class PreferenceTrainer(Trainer):
@@ -50,6 +53,7 @@ class PreferenceTrainer(Trainer):
         self.pref = preference_args
         self.reference_mode = reference_mode
         self.reference_model = reference_model
+        self._reference_weights: str | None = None  # fingerprint, for the reference log-prob cache
         if reference_model is not None:
             self.reference_model = reference_model.to(self.args.device)
         self._metrics: dict[str, dict[str, list[float]]] = {
@@ -60,13 +64,7 @@ class PreferenceTrainer(Trainer):
     # ---- log-probs --------------------------------------------------------------------------
 
     def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
-        return sequence_logps(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["loss_mask"],
-            chunked=self.pref.chunked_logps,
-        )
+        return batch_logps(model, batch, chunked=self.pref.chunked_logps)
 
     def _split_pairs(self, out: SequenceLogps) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) halves of the 2B rows, in the form the loss is defined on."""
@@ -112,12 +110,28 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad(), self._as_reference(model) as reference:
             return self._logps(reference, batch)
 
-    def precompute_reference_logps(self, dataset: list[dict], desc: str = "reference log-probs") -> None:
+    def precompute_reference_logps(
+        self, dataset: list[dict], desc: str = "reference log-probs", use_cache: bool = True
+    ) -> None:
         """One no-grad pass over `dataset`, storing the reference log-probs in each pair.
 
         Under several processes each one scores its shard and the results are gathered, so the
-        pass is done once in total, not once per process.
+        pass is done once in total, not once per process. With `use_cache`, the results are kept
+        on disk (preftune.training.reference_cache) and a later run with the same pairs, reference
+        and settings reads them instead of computing them.
         """
+        path = self._reference_cache_path(dataset) if use_cache else None
+        cached = reference_cache.load(path, len(dataset)) if path else None
+        hit = cached is not None
+        if path is not None and self.accelerator.num_processes > 1:
+            # every process must take the same branch: the pass below gathers across processes
+            flag = torch.tensor(float(hit), device=self.args.device)
+            hit = self.accelerator.reduce(flag, "min").item() == 1.0
+        if hit:
+            for pair, c, r in zip(dataset, *cached):
+                pair["ref_chosen_logps"], pair["ref_rejected_logps"] = c, r
+            logger.info("%s: read from %s", desc, path)
+            return
         batch_size = self.args.per_device_eval_batch_size
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         loader = self.accelerator.prepare_data_loader(loader)  # shards across processes, in order
@@ -136,6 +150,25 @@ class PreferenceTrainer(Trainer):
                     position += 1
         if position != len(dataset):
             raise RuntimeError(f"reference precompute scored {position} of {len(dataset)} pairs")
+        if path is not None and self.is_world_process_zero():
+            reference_cache.save(
+                path, [p["ref_chosen_logps"] for p in dataset], [p["ref_rejected_logps"] for p in dataset]
+            )
+
+    def _reference_cache_path(self, dataset: list[dict]):
+        """The on-disk cache file for these pairs, this reference and these compute settings."""
+        if self._reference_weights is None:
+            reference = self.reference_model if self.reference_mode == "model_copy" else self.model
+            self._reference_weights = reference_cache.reference_weights_fingerprint(
+                reference, self.reference_mode
+            )
+        causal_lm = unwrap_causal_lm(self.model)
+        compute = {
+            "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
+            "attention": causal_lm.config._attn_implementation,
+            "per_token_mean": self.pref.loss_type == "ipo",  # what _split_pairs returns for IPO
+        }
+        return reference_cache.cache_path(self._reference_weights, dataset, compute)
 
     # ---- loss and metrics -------------------------------------------------------------------
 
