@@ -5,6 +5,11 @@ CPU (the gloo backend) it drops the plugin without a word and trains with plain 
 PyTorch's FSDP2 does run on the CPU with gloo, so when FSDP version 2 is asked for there, preftune
 keeps it: the same sharded code path as on GPUs (slowly), to try a launch config or test it in CI.
 
+DeepSpeed ZeRO-3 partitions the LM head again after each use, so the chunked log-probs (and SFT's
+chunked loss), which recompute the LM head chunk by chunk in the backward pass, would find an empty
+weight there (torch.utils.checkpoint.CheckpointError: recomputed shape [0]); under ZeRO-3 the
+full logits are computed instead.
+
 A sharding backend that was asked for (by the launch config's environment) and is not in effect is
 reported, never silently replaced.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -78,3 +83,13 @@ def warn_if_backend_dropped(trainer: Trainer) -> None:
             trainer.args.device,
             " (on the CPU preftune keeps FSDP only with fsdp_version: 2)" if name == "FSDP" else "",
         )
+
+
+def no_chunking_under_zero3(args: Any, flag: str) -> None:
+    """Under DeepSpeed ZeRO-3 (see the module docstring), set `args.<flag>` (the chunked log-probs
+    or loss) to False, with a log line. Call it after the TrainingArguments exist."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(args, flag) and is_deepspeed_zero3_enabled():
+        logger.info("DeepSpeed ZeRO-3: --%s false (ZeRO-3 re-partitions the LM head between chunks)", flag)
+        setattr(args, flag, False)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
 from preftune.models.prepare import PreparedModels, prepare_models
-from preftune.training import common
+from preftune.training import common, distributed
 from preftune.training.batching import PairCollator, SharedPromptCollator
 from preftune.training.logprobs import supports_shared_prompt
 from preftune.training.trainer import PreferenceTrainer
@@ -130,6 +130,7 @@ def run_dpo(
     )
 
     common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
+    distributed.no_chunking_under_zero3(pref_args, "chunked_logps")
     trainer = build_trainer(prepared, pref_args, training_args, train, held_out, data_args.max_seq_length)
     if trainer.is_world_process_zero():
         common.save_run_config(

@@ -25,7 +25,7 @@ from preftune.config import DataArguments, ModelArguments, SFTArguments
 from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
-from preftune.training import common
+from preftune.training import common, distributed
 from preftune.training.logprobs import CHUNK_LOGITS, supports_chunked_logps, unwrap_causal_lm
 from preftune.training.packing import IGNORE_INDEX, SFTCollator, pack_examples
 
@@ -297,6 +297,7 @@ def run_sft(
     logger.info("%d training rows, %d held-out rows", len(train), len(held_out))
 
     common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
+    distributed.no_chunking_under_zero3(sft_args, "chunked_loss")
     trainer = build_sft_trainer(prepared, sft_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
         common.save_run_config(
