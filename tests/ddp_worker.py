@@ -3,7 +3,7 @@ writing under the output folder (Python-level opens, via an audit hook) in write
 beside the output folder. Used by tests/test_distributed.py.
 
 With PREFTUNE_TEST_DUMP_REFERENCE=1, a DPO run also saves, at the end of training, its `reference`
-adapter as every process sees it, gathered whole from the shards under FSDP, in
+adapter as every process sees it, gathered whole from the shards under FSDP or ZeRO-3, in
 reference-rank<N>.safetensors beside the output folder (keys as in the adapter file it came from).
 """
 
@@ -27,6 +27,8 @@ def audit(event: str, args: tuple) -> None:
 
 
 def dump_reference_at_finish() -> None:
+    import contextlib
+
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
@@ -37,12 +39,19 @@ def dump_reference_at_finish() -> None:
 
     def dumping_finish(trainer, *args, **kwargs):
         model = trainer.accelerator.unwrap_model(trainer.model)
+        # the same order in every process: gathering is a collective
+        params = [(n, p) for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
+        gathered = contextlib.nullcontext()
+        if any(hasattr(p, "ds_id") for _, p in params):  # DeepSpeed ZeRO-3 partitions
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in params])
         reference = {}
-        for name, param in model.named_parameters():  # the same order in every process
-            if f".{REFERENCE_ADAPTER}." in name:
+        with gathered:
+            for name, param in params:
                 assert not param.requires_grad, f"{name} is trainable"
-                whole = param.full_tensor() if isinstance(param, DTensor) else param  # a collective
-                reference[name.replace(f".{REFERENCE_ADAPTER}.", ".")] = whole.detach().cpu().contiguous()
+                whole = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2 shards
+                reference[name.replace(f".{REFERENCE_ADAPTER}.", ".")] = whole.detach().cpu().clone()
         save_file(reference, str(output_dir.parent / f"reference-rank{rank}.safetensors"))
         return finish(trainer, *args, **kwargs)
 

@@ -3,6 +3,7 @@ process with the same global batch: same loss trajectory, a loadable adapter, an
 writes the run's files. DPO, SFT and a pipeline (SFT then DPO) under DDP; DPO under FSDP2 with
 both LoRA references (the base with the adapter disabled, and a frozen copy of an SFT adapter)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -209,13 +210,47 @@ def test_fsdp_with_the_adapter_disabled_reference_matches_one_process(fsdp_runs,
 
 
 def test_fsdp_with_a_frozen_reference_adapter_matches_one_process(fsdp_runs):
-    from safetensors.torch import load_file
-
     two, one = _losses(fsdp_runs["adapter"]), _losses(fsdp_runs["one_adapter"])
     assert len(two) == 4 and two == pytest.approx(one, rel=LOSS_RTOL)
-    # The reference stayed the SFT adapter it was loaded from, the same in both processes.
-    sft = load_file(fsdp_runs["sft_adapter"] / "adapter_model.safetensors")
+    _assert_reference_is_unchanged_in_both_processes(fsdp_runs["adapter"], fsdp_runs["sft_adapter"])
+
+
+def _assert_reference_is_unchanged_in_both_processes(out: Path, sft_adapter: Path) -> None:
+    """The reference stayed the SFT adapter it was loaded from, the same in both processes."""
+    from safetensors.torch import load_file
+
+    sft = load_file(sft_adapter / "adapter_model.safetensors")
     for rank in (0, 1):
-        reference = load_file(fsdp_runs["adapter"].parent / f"reference-rank{rank}.safetensors")
+        reference = load_file(out.parent / f"reference-rank{rank}.safetensors")
         assert reference.keys() == sft.keys()
         assert all((reference[k] == sft[k]).all() for k in sft)
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO-3
+
+# The repository's ZeRO-3 recipe in 2 processes, fp32, on DeepSpeed's CPU accelerator (gloo without
+# oneCCL). deepspeed is optional (pip install 'preftune[deepspeed]'); its first run on a machine
+# compiles DeepSpeed's shared-memory communication op (a minute or two, then cached).
+ZERO3_CONFIG = REPO / "recipes" / "accelerate" / "deepspeed_zero3.yaml"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("reference", ["adapter_disabled", "reference_adapter"])
+def test_deepspeed_zero3_matches_one_process(reference, runs, fsdp_runs, data, tmp_path):
+    out = _launched(tmp_path, "zero3")
+    if reference == "adapter_disabled":  # from the base model; compared with the DDP test's single process
+        flags, one = _dpo_flags(runs["tiny"], data, out, per_device_batch=2), runs["one"]
+    else:  # from the SFT adapter; compared with the FSDP test's single process
+        flags = _flags("dpo", fsdp_runs["sft_adapter"], data, out, per_device_batch=2)
+        one = fsdp_runs["one_adapter"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CONFIG)]
+    _run(
+        [*launch, *COMMON_LAUNCH, str(WORKER), *flags], DS_ACCELERATOR="cpu", PREFTUNE_TEST_DUMP_REFERENCE="1"
+    )
+    assert yaml.safe_load((out / "preftune_config.yaml").read_text())["preference"]["chunked_logps"] is False
+    assert _losses(out) == pytest.approx(_losses(one), rel=LOSS_RTOL)
+    _assert_adapter_loads_and_trained(runs["tiny"], out)  # gathered from the partitions, then saved
+    # Another rank writes only its partitions of the checkpoint.
+    assert [p for p in _rank_writes(out, 1) if not p.startswith("checkpoint-4/")] == []
+    if reference == "reference_adapter":
+        _assert_reference_is_unchanged_in_both_processes(out, fsdp_runs["sft_adapter"])
