@@ -5,10 +5,12 @@ CPU (the gloo backend) it drops the plugin without a word and trains with plain 
 PyTorch's FSDP2 does run on the CPU with gloo, so when FSDP version 2 is asked for there, preftune
 keeps it: the same sharded code path as on GPUs (slowly), to try a launch config or test it in CI.
 
-DeepSpeed ZeRO-3 partitions the LM head again after each use, so the chunked log-probs (and SFT's
-chunked loss), which recompute the LM head chunk by chunk in the backward pass, would find an empty
-weight there (torch.utils.checkpoint.CheckpointError: recomputed shape [0]); under ZeRO-3 the
-full logits are computed instead.
+Chunked log-probs (and SFT's chunked loss) apply the LM head outside the model's forward, a chunk
+at a time, and recompute each chunk in the backward pass. Two backends break that, so preftune
+computes the full logits there instead: DeepSpeed ZeRO-3, which partitions the LM head again after
+each use (the recomputation finds an empty weight: torch.utils.checkpoint.CheckpointError,
+recomputed shape [0]), and FSDP when the LM head itself trains, as in full fine-tuning (the
+processes crash in the backward pass, SIGSEGV on the CPU). FSDP with LoRA keeps the chunks.
 
 A sharding backend that was asked for (by the launch config's environment) and is not in effect is
 reported, never silently replaced.
@@ -20,6 +22,8 @@ import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -85,11 +89,22 @@ def warn_if_backend_dropped(trainer: Trainer) -> None:
         )
 
 
-def no_chunking_under_zero3(args: Any, flag: str) -> None:
-    """Under DeepSpeed ZeRO-3 (see the module docstring), set `args.<flag>` (the chunked log-probs
-    or loss) to False, with a log line. Call it after the TrainingArguments exist."""
+def no_unsupported_chunking(args: Any, flag: str, model: torch.nn.Module) -> None:
+    """Set `args.<flag>` (the chunked log-probs or loss) to False, with a log line, under the
+    backends that break it (see the module docstring). Call it after the TrainingArguments exist."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if getattr(args, flag) and is_deepspeed_zero3_enabled():
-        logger.info("DeepSpeed ZeRO-3: --%s false (ZeRO-3 re-partitions the LM head between chunks)", flag)
-        setattr(args, flag, False)
+    from preftune.training.logprobs import unwrap_causal_lm
+
+    if not getattr(args, flag):
+        return
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    head_trains = head is not None and any(p.requires_grad for p in head.parameters())
+    if is_deepspeed_zero3_enabled():
+        reason = "DeepSpeed ZeRO-3 re-partitions the LM head between chunks"
+    elif _asked_for("FSDP") and head_trains:
+        reason = "FSDP with a trainable LM head"
+    else:
+        return
+    logger.info("--%s false: %s", flag, reason)
+    setattr(args, flag, False)

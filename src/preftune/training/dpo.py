@@ -130,7 +130,7 @@ def run_dpo(
     )
 
     common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
-    distributed.no_chunking_under_zero3(pref_args, "chunked_logps")
+    distributed.no_unsupported_chunking(pref_args, "chunked_logps", prepared.model)
     trainer = build_trainer(prepared, pref_args, training_args, train, held_out, data_args.max_seq_length)
     if trainer.is_world_process_zero():
         common.save_run_config(

@@ -297,7 +297,7 @@ def run_sft(
     logger.info("%d training rows, %d held-out rows", len(train), len(held_out))
 
     common.configure_training_args(training_args, model_args, has_eval=bool(held_out))
-    distributed.no_chunking_under_zero3(sft_args, "chunked_loss")
+    distributed.no_unsupported_chunking(sft_args, "chunked_loss", prepared.model)
     trainer = build_sft_trainer(prepared, sft_args, training_args, train, held_out)
     if trainer.is_world_process_zero():
         common.save_run_config(
