@@ -205,6 +205,14 @@ def prepare_models(
 
     if not with_reference:
         return PreparedModels(base, tokenizer, "none", base_model_name_or_path=model_path)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the base was loaded in partitions: a copy would hold none
+        raise ValueError(
+            "full fine-tuning under DeepSpeed ZeRO-3 needs a partitioned reference model, which preftune "
+            "does not build: use --use_peft_lora (reference: the base, adapter disabled) or FSDP "
+            "(recipes/accelerate/fsdp.yaml)"
+        )
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     return PreparedModels(
         base, tokenizer, "model_copy", reference_model=reference, base_model_name_or_path=model_path
