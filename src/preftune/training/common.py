@@ -95,8 +95,18 @@ def save_policy(trainer: Trainer, prepared: PreparedModels, output_dir: str) -> 
     if hasattr(model, "peft_config"):
         model.save_pretrained(output_dir, selected_adapters=[POLICY_ADAPTER], **kwargs)
     else:
+        if state_dict is not None:  # gathered: tied weights (embeddings = LM head) come back twice
+            _drop_tied_copies(model, state_dict)
         model.save_pretrained(output_dir, **kwargs)
     prepared.tokenizer.save_pretrained(output_dir)
+
+
+def _drop_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> None:
+    """Keep one entry per parameter, as save_pretrained does for a model's own state dict."""
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(param), name) != name:
+            state_dict.pop(name, None)
 
 
 def train(trainer: Trainer, resume: str | None) -> TrainOutput:
