@@ -9,8 +9,9 @@
 Each tool trains in its own process (this script with `--worker trl|preftune`), one after the other
 (`--repeats 2` alternates the order: TRL, preftune, preftune, TRL), on the same model, pairs, token
 ids, LoRA config, precision, batch, learning rate, beta and loss. Every engine setting not named here
-is left at each tool's own default: TRL keeps gradient checkpointing and disable_dropout on (its
-DPOConfig defaults), preftune keeps chunked log-probs on and checkpointing off (ours).
+is left at each tool's own default. Both default to gradient checkpointing on and dropout off
+(TRL's DPOConfig disable_dropout, preftune's --disable_dropout, LoRA's dropout included); preftune
+keeps its shared-prompt rows, chunked log-probs and CPU malloc settings on.
 `--gradient_checkpointing on|off` forces the same setting on both instead.
 
 Tokenization. TRL (>= 1.0) has no max_prompt_length: it keeps the start of prompt + reply up to
@@ -489,9 +490,8 @@ def build_preftune_trainer(args: argparse.Namespace):
     from preftune.cli.main import training_defaults
     from preftune.config import DataArguments, ModelArguments, PreferenceArguments
     from preftune.data import apply_template
-    from preftune.models.prepare import prepare_models
     from preftune.training.common import configure_training_args
-    from preftune.training.dpo import build_trainer, tokenized_splits
+    from preftune.training.dpo import build_trainer, prepare_policy_and_reference, tokenized_splits
 
     out_dir = tempfile.mkdtemp(prefix="bench-preftune-")
     flags = [
@@ -523,7 +523,7 @@ def build_preftune_trainer(args: argparse.Namespace):
     )
     set_seed(training_args.seed)
     t0 = time.perf_counter()
-    prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    prepared = prepare_policy_and_reference(model_args, pref_args, training_args.gradient_checkpointing)
     info = {"load_s": time.perf_counter() - t0, "load_rss": _rss(), "out_dir": out_dir}
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, _ = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)

@@ -146,14 +146,17 @@ def test_shared_prompt_collator_layout():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_matches_padded(attn):
+@pytest.mark.parametrize("attention_ratio", [None, 0.0], ids=["rows-of-the-longest-pair", "one-row"])
+def test_shared_prompt_matches_padded(attn, attention_ratio):
     """Same sums and token counts as the padded layout's plain path, fp32, within 1e-4."""
     model = make_tiny_llama(VOCAB)
     model.config._attn_implementation = attn
     model.eval()
     features = shared_features()
     padded = PairCollator(pad_token_id=0)(features)
-    shared = SharedPromptCollator(pad_token_id=0)(features)
+    shared = SharedPromptCollator(pad_token_id=0, attention_ratio=attention_ratio)(features)
+    if attention_ratio == 0.0:  # attention for free: everything in one row
+        assert shared["input_ids"].shape == (1, sum(len(v) for f in features for v in f.values()))
     assert supports_shared_prompt(model, max_length=64)
     with torch.no_grad():
         expected = plain_sequence_logps(model, padded)
@@ -187,3 +190,17 @@ def test_shared_prompt_needs_a_mask_taking_attention():
     model.config.sliding_window = 32
     assert not supports_shared_prompt(model, max_length=64)  # the window would be ignored
     assert supports_shared_prompt(model, max_length=16)
+
+
+def test_packing_weighs_padding_against_attention():
+    from preftune.training.batching import attention_cost_ratio
+
+    config = make_tiny_llama(VOCAB).config
+    ratio = attention_cost_ratio(config)
+    # tiny Llama: hidden 32, 4 heads, 2 kv heads, intermediate 64 -> 4*32 / (2 * (2048 + 1024 + 6144))
+    assert ratio == pytest.approx(128 / (2 * 9216))
+    collator = SharedPromptCollator(pad_token_id=0, attention_ratio=0.002)
+    rows, length = collator._rows([300, 140])  # 2 x 300 x 1.6 = 960 > 1 x 440 x 1.88 = 827
+    assert (len(rows), length) == (1, 440)
+    rows, length = collator._rows([300, 300])  # 2 x 300 x 1.6 = 960 < 1 x 600 x 2.2 = 1320
+    assert (len(rows), length) == (2, 300)

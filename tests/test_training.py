@@ -407,3 +407,32 @@ def test_gradient_checkpointing_uses_the_use_reentrant_flag(
     ]
     assert funcs, "gradient checkpointing is not enabled on any layer"
     assert all(f.keywords.get("use_reentrant") is use_reentrant for f in funcs), [f.keywords for f in funcs]
+
+
+def test_cpu_runs_give_freed_memory_back():
+    """glibc's malloc accepts the settings that keep a CPU run's RSS near its live tensors
+    (their effect on peak RSS is measured by benchmarks/dpo_vs_trl.py)."""
+    import sys
+
+    from preftune.training.memory import return_freed_memory_to_the_system
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert return_freed_memory_to_the_system()
+
+
+def test_disable_dropout_makes_the_policy_deterministic():
+    from conftest import make_tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.models.prepare import disable_dropout
+
+    model = get_peft_model(
+        make_tiny_llama(97),
+        LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False),
+    ).train()
+    ids = torch.randint(3, 97, (2, 12))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout draws
+    assert disable_dropout(model) > 0
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -130,6 +130,13 @@ class PreferenceArguments:
         default=0.0,
         metadata={"help": "Weight of an NLL term on the chosen replies (RPO); 0 turns it off."},
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn every dropout of the policy off (LoRA's too), as TRL does: with dropout the "
+            "policy's log-probs are noisy and the rewards start away from 0; false keeps them."
+        },
+    )
     chunked_logps: bool = field(
         default=True,
         metadata={

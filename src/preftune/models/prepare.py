@@ -219,6 +219,23 @@ def prepare_models(
     )
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of the model (LoRA's included) to p=0; returns how many there were.
+
+    Preference losses compare the policy's log-probs with the reference's: with dropout on, the
+    policy's are noisy draws, so the implicit rewards start away from 0 and every step pays for
+    random masks. TRL's DPOTrainer does the same by default (disable_dropout=True)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+            count += 1
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "attention_dropout", 0):
+        config.attention_dropout = 0.0
+    return count
+
+
 def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:
     """requires_grad=False on every weight of one adapter (PEFT's set_adapter can switch it back on)."""
     for name, param in model.named_parameters():

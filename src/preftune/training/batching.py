@@ -53,8 +53,13 @@ class PairCollator:
 class SharedPromptCollator:
     """B pairs -> rows of `[prompt | chosen | rejected]` segments: each prompt is run once.
 
-    Rows are as long as the longest pair of the batch; shorter pairs share a row when they fit
-    (best-fit decreasing), so there is little padding and no row is longer than the padded layout's.
+    Pairs are packed into rows (best-fit decreasing), all padded to the fullest row. Longer rows
+    mean less padding but attention work that grows with the square of the row length, so the
+    row capacity is the one (from the longest pair up to all pairs in one row) that minimizes
+    rows * length * (1 + attention_ratio * length), `attention_ratio` being the model's attention
+    FLOPs per token and per token of context over its matmul FLOPs per token (`attention_ratio`
+    from `attention_cost_ratio`; 0 packs everything into one row, None keeps rows to the longest
+    pair).
     Per token: `position_ids` (the rejected reply restarts where the prompt ends), `segment_ids`
     (the pair's index in the batch, -1 on padding) and `branch_ids` (0 prompt, 1 chosen, 2 rejected),
     from which `preftune.training.logprobs.shared_prompt_mask` builds the attention mask. Per reply
@@ -64,14 +69,28 @@ class SharedPromptCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    attention_ratio: float | None = None
+
+    def _rows(self, lengths: list[int]) -> tuple[list[list[int]], int]:
+        """The cheapest packing: (pair indices per row, row length)."""
+        best = None
+        longest, total = max(lengths), sum(lengths)
+        for capacity in sorted({longest + (total - longest) * k // 8 for k in range(9)}):
+            rows = best_fit_decreasing(lengths, capacity)
+            length = max(sum(lengths[i] for i in row) for row in rows)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            cost = len(rows) * length * (1 + (self.attention_ratio or 0) * length)
+            if best is None or cost < best[0]:
+                best = (cost, rows, length)
+            if self.attention_ratio is None:
+                break
+        return best[1], best[2]
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         n_pairs = len(features)
         lengths = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
-        length = max(lengths)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        rows = best_fit_decreasing(lengths, length)
+        rows, length = self._rows(lengths)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         position_ids = torch.arange(length).repeat(len(rows), 1)
         segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)
@@ -122,3 +141,16 @@ def _add_reference_logps(batch: dict[str, torch.Tensor], features: list[dict]) -
     if all(k in features[0] for k in REF_KEYS):
         for key in REF_KEYS:
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
+
+
+def attention_cost_ratio(config) -> float:
+    """Attention FLOPs per token per token of context (4 * query width: scores and weighted sum),
+    over matmul FLOPs per token of one decoder layer (2 * its projection weights)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    weights = 2 * hidden * q_width + 2 * hidden * kv_width + 3 * hidden * intermediate
+    return 4 * q_width / (2 * weights)

@@ -13,10 +13,10 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
-from preftune.models.prepare import PreparedModels, prepare_models
+from preftune.models.prepare import PreparedModels, disable_dropout, prepare_models
 from preftune.training import common, distributed
-from preftune.training.batching import PairCollator, SharedPromptCollator
-from preftune.training.logprobs import supports_shared_prompt
+from preftune.training.batching import PairCollator, SharedPromptCollator, attention_cost_ratio
+from preftune.training.logprobs import supports_shared_prompt, unwrap_causal_lm
 from preftune.training.trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
@@ -77,13 +77,24 @@ def tokenized_splits(
     return train, held_out
 
 
+def prepare_policy_and_reference(
+    model_args: ModelArguments, pref_args: PreferenceArguments, gradient_checkpointing: bool
+) -> PreparedModels:
+    """The model (policy + how its reference is computed), dropout off unless asked to keep it."""
+    prepared = prepare_models(model_args, gradient_checkpointing=gradient_checkpointing)
+    if pref_args.disable_dropout:
+        disable_dropout(prepared.model)
+    return prepared
+
+
 def pair_collator(
     prepared: PreparedModels, pref_args: PreferenceArguments, max_length: int
 ) -> PairCollator | SharedPromptCollator:
     """Shared-prompt rows where the model takes a custom attention mask, else padded rows."""
     pad_token_id = prepared.tokenizer.pad_token_id
     if pref_args.share_prompt and supports_shared_prompt(prepared.model, max_length):
-        return SharedPromptCollator(pad_token_id=pad_token_id)
+        config = unwrap_causal_lm(prepared.model).config
+        return SharedPromptCollator(pad_token_id=pad_token_id, attention_ratio=attention_cost_ratio(config))
     if pref_args.share_prompt:
         logger.info("--share_prompt: this model's attention takes no custom mask; using padded rows")
     return PairCollator(pad_token_id=pad_token_id)
@@ -119,7 +130,7 @@ def run_dpo(
     """Preference-tune a model end to end; returns the final metrics."""
     set_seed(training_args.seed)
     resume = common.resume_path(training_args)
-    prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    prepared = prepare_policy_and_reference(model_args, pref_args, training_args.gradient_checkpointing)
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, held_out = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
     logger.info(

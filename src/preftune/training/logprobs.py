@@ -163,8 +163,8 @@ def _chunk_token_logps(
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
-# fp32 logits per chunk: 2**24 floats (64 MiB), e.g. 341 tokens of a 49k vocabulary, 65 of a 256k one
-CHUNK_LOGITS = 2**24
+# fp32 logits per chunk: 2**22 floats (16 MiB), e.g. 85 tokens of a 49k vocabulary, 16 of a 256k one
+CHUNK_LOGITS = 2**22
 
 
 def chunked_sequence_logps(
