@@ -523,7 +523,7 @@ def build_preftune_trainer(args: argparse.Namespace):
     )
     set_seed(training_args.seed)
     t0 = time.perf_counter()
-    prepared = prepare_policy_and_reference(model_args, pref_args, training_args.gradient_checkpointing)
+    prepared = prepare_policy_and_reference(model_args, pref_args, training_args)
     info = {"load_s": time.perf_counter() - t0, "load_rss": _rss(), "out_dir": out_dir}
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, _ = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)

@@ -436,3 +436,25 @@ def test_disable_dropout_makes_the_policy_deterministic():
     assert disable_dropout(model) > 0
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_bf16_lora_runs_store_the_frozen_linear_weights_in_bf16(tiny_model_dir, data_file, tmp_path):
+    result, trainer, _ = run_capturing(
+        dpo_args(
+            tiny_model_dir,
+            data_file,
+            tmp_path / "bf16",
+            "--use_peft_lora",
+            "--bf16",
+            "true",
+            "--use_cpu",
+            "true",
+        )
+    )
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}  # LoRA, for AdamW
+    frozen_linear = {n: p.dtype for n, p in params.items() if "base_layer" in n}
+    assert frozen_linear and set(frozen_linear.values()) == {torch.bfloat16}
+    others = {n: p.dtype for n, p in params.items() if not p.requires_grad and "base_layer" not in n}
+    assert others and set(others.values()) == {torch.float32}  # embeddings, norms (tied LM head)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

@@ -236,6 +236,23 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return count
 
 
+def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen base weights of linear layers in `dtype`; returns how many layers.
+
+    LoRA weights (trainable or the frozen `reference` adapter) and the LM head are left alone."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm_head = causal_lm.get_output_embeddings()
+    count = 0
+    for name, module in causal_lm.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is lm_head or "lora_" in name:
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        module.to(dtype)
+        count += 1
+    return count
+
+
 def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:
     """requires_grad=False on every weight of one adapter (PEFT's set_adapter can switch it back on)."""
     for name, param in model.named_parameters():

@@ -43,6 +43,11 @@ def _asked_for(backend: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
 
 
+def shards_parameters() -> bool:
+    """Launched with FSDP or DeepSpeed (which manage parameter dtypes and storage themselves)."""
+    return _asked_for("FSDP") or _asked_for("DEEPSPEED")
+
+
 def keep_fsdp_on_cpu() -> None:
     """Have accelerate keep an FSDP2 plugin when the processes run on the CPU (see the module
     docstring). Only an FSDP launch on the CPU is affected; calling it again does nothing."""

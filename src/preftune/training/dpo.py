@@ -9,11 +9,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from preftune.config import DataArguments, ModelArguments, PreferenceArguments
 from preftune.data import apply_template, load_preference_splits, tokenize_examples
-from preftune.models.prepare import PreparedModels, disable_dropout, prepare_models
+from preftune.models.prepare import (
+    PreparedModels,
+    disable_dropout,
+    prepare_models,
+    store_frozen_linear_weights,
+)
 from preftune.training import common, distributed
 from preftune.training.batching import PairCollator, SharedPromptCollator, attention_cost_ratio
 from preftune.training.logprobs import supports_shared_prompt, unwrap_causal_lm
@@ -78,10 +84,21 @@ def tokenized_splits(
 
 
 def prepare_policy_and_reference(
-    model_args: ModelArguments, pref_args: PreferenceArguments, gradient_checkpointing: bool
+    model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreparedModels:
-    """The model (policy + how its reference is computed), dropout off unless asked to keep it."""
-    prepared = prepare_models(model_args, gradient_checkpointing=gradient_checkpointing)
+    """The model (policy + how its reference is computed), dropout off unless asked to keep it.
+
+    With --bf16 and a LoRA on a plain (not quantized, --torch_dtype auto) base, the frozen weights
+    of the base's linear layers are stored in bfloat16: bf16 autocast casts them to bf16 for every
+    matmul anyway, so the numbers stay the same while their memory halves and the per-matmul cast
+    goes. Embeddings, norms, the LM head and the LoRA weights keep their dtype. (Not under FSDP or
+    DeepSpeed, which cast and shard the weights themselves.)
+    """
+    prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    quantized = model_args.use_4bit_quantization or model_args.use_8bit_quantization
+    plain_lora = model_args.use_peft_lora and not quantized and not distributed.shards_parameters()
+    if training_args.bf16 and plain_lora and model_args.torch_dtype == "auto":
+        store_frozen_linear_weights(prepared.model, torch.bfloat16)
     if pref_args.disable_dropout:
         disable_dropout(prepared.model)
     return prepared
@@ -130,7 +147,7 @@ def run_dpo(
     """Preference-tune a model end to end; returns the final metrics."""
     set_seed(training_args.seed)
     resume = common.resume_path(training_args)
-    prepared = prepare_policy_and_reference(model_args, pref_args, training_args.gradient_checkpointing)
+    prepared = prepare_policy_and_reference(model_args, pref_args, training_args)
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, held_out = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
     logger.info(

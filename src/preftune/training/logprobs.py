@@ -157,7 +157,7 @@ def plain_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Se
 def _chunk_token_logps(
     hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None
 ) -> Tensor:
-    logits = lm_head(hidden).float()
+    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # bf16 base, fp32 hidden: one dtype
     if softcap:  # Gemma 2/3 cap their final logits: softcap * tanh(logits / softcap)
         logits = softcap * torch.tanh(logits / softcap)
     return -F.cross_entropy(logits, targets, reduction="none")
