@@ -414,7 +414,7 @@ def test_cpu_runs_give_freed_memory_back():
     (their effect on peak RSS is measured by benchmarks/dpo_vs_trl.py)."""
     import sys
 
-    from preftune.training.memory import return_freed_memory_to_the_system
+    from preftune.memory import return_freed_memory_to_the_system
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")

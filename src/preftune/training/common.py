@@ -20,7 +20,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from preftune.config import ModelArguments
 from preftune.models.prepare import POLICY_ADAPTER, PreparedModels
 from preftune.report import report_run
-from preftune.training import distributed, memory
+from preftune.training import distributed
 
 logger = logging.getLogger("preftune")
 
@@ -50,8 +50,6 @@ def configure_training_args(args: TrainingArguments, model_args: ModelArguments,
     distributed.keep_fsdp_on_cpu()  # before the Trainer builds its Accelerator
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-    if args.use_cpu or not torch.cuda.is_available():
-        memory.return_freed_memory_to_the_system()  # activations in CPU RAM: keep RSS near live tensors
     if args.gradient_checkpointing:
         # transformers 5 reads activation_checkpointing_kwargs (the old name is copied only at init)
         kwargs = {
