@@ -23,7 +23,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from preftune.config import ModelArguments
-from preftune.memory import return_freed_memory_to_the_system
 from preftune.models.embedded import embedded_model_path
 from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
 
@@ -119,9 +118,6 @@ def load_base_model(path: str, args: ModelArguments, for_training: bool = True) 
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if not torch.cuda.is_available():
-        # weights and activations in CPU RAM: keep the resident set near the live tensors
-        return_freed_memory_to_the_system()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization is not None:
         keep_4bit_trainable_after_no_grad(model)
