@@ -250,6 +250,12 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
             continue
         module.to(dtype)
         count += 1
+    # Weights loaded from safetensors can be views of the memory-mapped file: own the ones left in
+    # their dtype, so the mapping (and the file pages the cast read) can go.
+    with torch.no_grad():
+        for param in causal_lm.parameters():
+            if param.dtype != dtype and not param.requires_grad:
+                param.data = param.data.clone()
     return count
 
 
