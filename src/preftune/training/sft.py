@@ -47,7 +47,7 @@ class TokenStats:
 
 
 def _chunk_stats(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None):
-    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # bf16 base, fp32 hidden: one dtype
+    logits = lm_head(hidden).float()
     if softcap:  # Gemma 2/3 cap their final logits
         logits = softcap * torch.tanh(logits / softcap)
     nll = F.cross_entropy(logits, targets, reduction="sum")
