@@ -169,7 +169,8 @@ def run_dpo(
             training=training_args,
         )
     if pref_args.precompute_ref_log_probs:
-        cache = pref_args.cache_ref_log_probs
+        # (sharded weights would give each process its own fingerprint: no cache under FSDP/DeepSpeed)
+        cache = pref_args.cache_ref_log_probs and not distributed.shards_parameters()
         trainer.precompute_reference_logps(train, desc="reference log-probs (train)", use_cache=cache)
         if held_out:
             trainer.precompute_reference_logps(
