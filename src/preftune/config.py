@@ -159,7 +159,8 @@ class PreferenceArguments:
         default=True,
         metadata={
             "help": "With --precompute_ref_log_probs: keep them on disk ($PREFTUNE_CACHE/reference-logps, "
-            "keyed by the token ids, the reference weights and the precision) and reuse them in later runs."
+            "keyed by the token ids, the reference weights and the precision) and reuse them in later runs "
+            "(not under FSDP or DeepSpeed)."
         },
     )
 
