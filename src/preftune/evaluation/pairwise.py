@@ -249,14 +249,12 @@ class RewardModelJudge:
         self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
 
     def load(self):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from preftune.models.prepare import load_tokenizer
 
         path = _resolve(self.path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = (
-                tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-            )
+        tokenizer = load_tokenizer(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(self.dtype))
         if model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -349,11 +347,13 @@ class LLMJudge:
 
     @contextlib.contextmanager
     def _loaded(self) -> Iterator[tuple[torch.nn.Module, Any]]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from preftune.models.prepare import load_tokenizer
 
         path = self.resolved_path()
-        tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
+        tokenizer = self.tokenizer or load_tokenizer(path)
+        if tokenizer.pad_token is None:  # (a tokenizer passed in)
             tokenizer.pad_token = tokenizer.eos_token
         if self.model is not None:
             yield self.model, tokenizer
