@@ -204,3 +204,154 @@ def test_packing_weighs_padding_against_attention():
     assert (len(rows), length) == (1, 440)
     rows, length = collator._rows([300, 300])  # 2 x 300 x 1.6 = 960 < 1 x 600 x 2.2 = 1320
     assert (len(rows), length) == (2, 300)
+
+
+# --------------------------------------------------------------------------- pair attention
+
+
+def edge_features(seed=7):
+    """Pairs of every shape pair attention treats apart: no prompt, empty replies, long prompts."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    return shared_features(seed) + [
+        {"prompt_ids": [], "chosen_ids": ids(4), "rejected_ids": ids(3)},
+        {"prompt_ids": [], "chosen_ids": [], "rejected_ids": ids(3)},
+        {"prompt_ids": ids(4), "chosen_ids": ids(2), "rejected_ids": []},
+        {"prompt_ids": ids(12), "chosen_ids": ids(1), "rejected_ids": ids(1)},
+    ]
+
+
+@pytest.mark.parametrize("attention_ratio", [None, 0.0], ids=["rows-of-the-longest-pair", "one-row"])
+def test_pair_attention_matches_the_masked_row(attention_ratio):
+    """Block-by-block attention gives the masked pass's log-probs (fp32, 1e-4) and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.training import pair_attention
+
+    model = get_peft_model(
+        make_tiny_llama(VOCAB), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    config = model.get_base_model().config
+    batch = SharedPromptCollator(pad_token_id=0, attention_ratio=attention_ratio)(edge_features())
+    padded = PairCollator(pad_token_id=0)(edge_features())
+    results = []
+    for by_pair in (False, True):
+        model.zero_grad()
+        with pair_attention.enabled(config) if by_pair else torch.enable_grad():
+            calls = pair_attention.calls_with_layout
+            logps = batch_logps(model, batch).logps
+            (logps * torch.linspace(0.5, 1.5, logps.shape[0])).sum().backward()
+            assert (pair_attention.calls_with_layout > calls) == by_pair
+        results.append(
+            (logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    assert config._attn_implementation == "sdpa"  # restored after the block
+    (masked, masked_grads), (by_pair, by_pair_grads) = results
+    with torch.no_grad():
+        expected = plain_sequence_logps(model, padded).logps
+    torch.testing.assert_close(masked, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(by_pair, masked, rtol=0, atol=1e-4)
+    for name in masked_grads:
+        torch.testing.assert_close(by_pair_grads[name], masked_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_pair_attention_leaves_eager_attention_masked():
+    from preftune.training import pair_attention
+
+    model = make_tiny_llama(VOCAB)
+    model.config._attn_implementation = "eager"
+    with pair_attention.enabled(model.config) as on:
+        assert not on and model.config._attn_implementation == "eager"
+
+
+def test_a_model_that_drops_the_layout_is_a_clear_error(monkeypatch):
+    """If a model's attention never receives `pair_layout`, the forward says so instead of silently
+    attending without the mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from preftune.training import pair_attention
+
+    model = make_tiny_llama(VOCAB)
+    batch = SharedPromptCollator(pad_token_id=0)(shared_features())
+    monkeypatch.setitem(
+        AttentionInterface._global_mapping, pair_attention.PAIR_ATTENTION, sdpa_attention_forward
+    )
+    with pair_attention.enabled(model.config), pytest.raises(RuntimeError, match="--pair_attention false"):
+        batch_logps(model, batch)
+
+
+# --------------------------------------------------------------------------- fused LoRA forward
+
+
+def lora_pair(dropout=0.0):
+    """The same LoRA model twice: PEFT's forward and the fused one."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.training.lora_forward import use_lean_lora_forward
+
+    peft_model = get_peft_model(
+        make_tiny_llama(VOCAB),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=dropout),
+    )
+    fused = copy.deepcopy(peft_model)
+    assert use_lean_lora_forward(fused) == 2 * 7  # q k v o gate up down in both layers
+    return peft_model, fused
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_lora_forward_matches_peft(precision):
+    """Same log-probs and LoRA gradients as PEFT's forward: fp32 to rounding, bf16 autocast within
+    bf16's precision; with the adapter disabled, the base model's."""
+    peft_model, fused = lora_pair()
+    batch = SharedPromptCollator(pad_token_id=0)(edge_features())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    tolerance = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=5e-2)
+    results = []
+    for model in (peft_model, fused):
+        with autocast:
+            logps = batch_logps(model, batch).logps
+        logps.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad(), model.disable_adapter(), autocast:
+            base = batch_logps(model, batch).logps
+        results.append((logps.detach(), grads, base))
+    (logps, grads, base), (f_logps, f_grads, f_base) = results
+    torch.testing.assert_close(f_logps, logps, **tolerance)
+    torch.testing.assert_close(f_base, base, **tolerance)
+    assert (logps - base).abs().max() > 1e-3  # the adapter does change the output
+    for name in grads:
+        if precision == "fp32":
+            torch.testing.assert_close(f_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+        else:  # bf16 roundings differ per element: the direction must agree
+            cosine = torch.nn.functional.cosine_similarity(
+                f_grads[name].flatten(), grads[name].flatten(), dim=0
+            )
+            assert cosine > 0.99, (name, cosine)
+
+
+def test_fused_lora_forward_leaves_other_cases_to_peft():
+    """Merged adapters, a second active adapter's switch and dropout keep PEFT's results."""
+    peft_model, fused = lora_pair(dropout=0.5)
+    x = torch.randint(3, VOCAB, (2, 9))
+    for model in (peft_model, fused):
+        model.eval()  # dropout off: the fused forward may run
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=x).logits, peft_model(input_ids=x).logits)
+    torch.manual_seed(0)
+    fused.train()
+    with torch.no_grad():
+        a = fused(input_ids=x).logits
+        b = fused(input_ids=x).logits
+    assert not torch.allclose(a, b)  # training-mode dropout is applied (PEFT's forward)
+    fused.eval()
+    fused.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fused(input_ids=x).logits, peft_model(input_ids=x).logits, rtol=1e-4, atol=1e-4
+        )

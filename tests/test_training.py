@@ -350,21 +350,27 @@ def test_reference_fingerprint_follows_the_weights():
 
 
 def test_shared_prompt_rows_train_like_padded_rows(tiny_model_dir, data_file, tmp_path):
-    """The default shared-prompt layout and two padded rows per pair give the same losses and metrics."""
+    """The default engine (shared-prompt rows attended pair by pair, fused LoRA forward), the masked
+    shared-prompt rows, and the plainest path (two padded rows per pair, PEFT's LoRA forward) give
+    the same losses and metrics."""
     from preftune.training.batching import PairCollator, SharedPromptCollator
 
     common = (
         "--use_peft_lora", "--lora_dropout", "0", "--per_device_train_batch_size", "3",
         "--test_size", "2", "--do_eval", "true", "--learning_rate", "1e-2", "--max_steps", "3",
     )  # fmt: skip
-    shared, shared_trainer, _ = run_capturing(
-        dpo_args(tiny_model_dir, data_file, tmp_path / "shared", *common)
-    )
-    padded, padded_trainer, _ = run_capturing(
-        dpo_args(tiny_model_dir, data_file, tmp_path / "padded", *common, "--share_prompt", "false")
-    )
-    assert isinstance(shared_trainer.data_collator, SharedPromptCollator)
-    assert isinstance(padded_trainer.data_collator, PairCollator)
+    variants = {
+        "default": (),
+        "masked": ("--pair_attention", "false"),
+        "plain": ("--share_prompt", "false", "--fused_lora", "false"),
+    }
+    runs = {
+        name: run_capturing(dpo_args(tiny_model_dir, data_file, tmp_path / name, *common, *flags))
+        for name, flags in variants.items()
+    }
+    assert isinstance(runs["default"][1].data_collator, SharedPromptCollator)
+    assert runs["default"][1].data_collator.attention_ratio == 0.0  # one row per batch
+    assert isinstance(runs["plain"][1].data_collator, PairCollator)
 
     def history(trainer):
         return [
@@ -373,11 +379,14 @@ def test_shared_prompt_rows_train_like_padded_rows(tiny_model_dir, data_file, tm
             if "loss" in h
         ]
 
-    expected = history(padded_trainer)
+    plain, plain_trainer, _ = runs["plain"]
+    expected = history(plain_trainer)
     assert len(expected) == 3
-    for got, want in zip(history(shared_trainer), expected, strict=True):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
-    assert shared.eval_metrics["eval_loss"] == pytest.approx(padded.eval_metrics["eval_loss"], abs=1e-4)
+    for name in ("default", "masked"):
+        result, trainer, _ = runs[name]
+        for got, want in zip(history(trainer), expected, strict=True):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-4), name
+        assert result.eval_metrics["eval_loss"] == pytest.approx(plain.eval_metrics["eval_loss"], abs=1e-4)
 
 
 # --------------------------------------------------------------------------- gradient checkpointing

@@ -151,6 +151,22 @@ class PreferenceArguments:
             "else padded rows are used); false: two padded rows per pair."
         },
     )
+    pair_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "With --share_prompt and sdpa attention: attend pair by pair (prompt+chosen causal, "
+            "rejected over prompt+itself) instead of one masked pass over the whole row, skipping the "
+            "masked blocks, and pack each batch into one row; false: the masked pass."
+        },
+    )
+    fused_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA layers over plain linear weights: fold the scaling into B, add the low-rank "
+            "product into the base output in place and cast each input to the autocast dtype once; "
+            "false: PEFT's own forward."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute the reference log-probs once before training instead of every step."},

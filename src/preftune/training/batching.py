@@ -62,7 +62,9 @@ class SharedPromptCollator:
     pair).
     Per token: `position_ids` (the rejected reply restarts where the prompt ends), `segment_ids`
     (the pair's index in the batch, -1 on padding) and `branch_ids` (0 prompt, 1 chosen, 2 rejected),
-    from which `preftune.training.logprobs.shared_prompt_mask` builds the attention mask. Per reply
+    from which `preftune.training.logprobs.shared_prompt_mask` builds the attention mask. Per pair:
+    `segments` [B, 5] (row, start, prompt, chosen and rejected lengths), the layout that
+    `preftune.training.pair_attention` attends block by block. Per reply
     token: `predict_index` (flat row * length + t position whose output predicts it), `target_ids` and
     `target_rows` (chosen of pair i -> i, rejected -> B + i). `reply_lengths` [2B] counts them.
     """
@@ -95,7 +97,7 @@ class SharedPromptCollator:
         position_ids = torch.arange(length).repeat(len(rows), 1)
         segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)
         branch_ids = torch.zeros((len(rows), length), dtype=torch.long)
-        predict, targets, target_rows = [], [], []
+        predict, targets, target_rows, segments = [], [], [], []
         for r, members in enumerate(rows):
             start = 0
             for i in members:
@@ -107,6 +109,7 @@ class SharedPromptCollator:
                     [torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_j)]
                 )
                 segment_ids[r, start:end] = i
+                segments.append((r, start, n_p, n_c, n_j))
                 branch_ids[r, start + n_p : start + n_p + n_c] = 1
                 branch_ids[r, start + n_p + n_c : end] = 2
                 # token k of a reply is predicted by the token before it; the first token of either
@@ -125,6 +128,7 @@ class SharedPromptCollator:
             "position_ids": position_ids,
             "segment_ids": segment_ids,
             "branch_ids": branch_ids,
+            "segments": torch.tensor(segments, dtype=torch.long).reshape(-1, 5),
             "predict_index": torch.tensor(predict, dtype=torch.long),
             "target_ids": torch.tensor(targets, dtype=torch.long),
             "target_rows": torch.tensor(target_rows, dtype=torch.long),

@@ -20,7 +20,7 @@ from preftune.models.prepare import (
     prepare_models,
     store_frozen_linear_weights,
 )
-from preftune.training import common, distributed
+from preftune.training import common, distributed, lora_forward, pair_attention
 from preftune.training.batching import PairCollator, SharedPromptCollator, attention_cost_ratio
 from preftune.training.logprobs import supports_shared_prompt, unwrap_causal_lm
 from preftune.training.trainer import PreferenceTrainer
@@ -92,7 +92,8 @@ def prepare_policy_and_reference(
     of the base's linear layers are stored in bfloat16: bf16 autocast casts them to bf16 for every
     matmul anyway, so the numbers stay the same while their memory halves and the per-matmul cast
     goes. Embeddings, norms, the LM head and the LoRA weights keep their dtype. (Not under FSDP or
-    DeepSpeed, which cast and shard the weights themselves.)
+    DeepSpeed, which cast and shard the weights themselves.) The LoRA layers take the lean forward
+    of preftune.training.lora_forward (--fused_lora).
     """
     prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
     quantized = model_args.use_4bit_quantization or model_args.use_8bit_quantization
@@ -101,6 +102,8 @@ def prepare_policy_and_reference(
         store_frozen_linear_weights(prepared.model, torch.bfloat16)
     if pref_args.disable_dropout:
         disable_dropout(prepared.model)
+    if pref_args.fused_lora and model_args.use_peft_lora and not distributed.shards_parameters():
+        lora_forward.use_lean_lora_forward(prepared.model)
     return prepared
 
 
@@ -111,7 +114,10 @@ def pair_collator(
     pad_token_id = prepared.tokenizer.pad_token_id
     if pref_args.share_prompt and supports_shared_prompt(prepared.model, max_length):
         config = unwrap_causal_lm(prepared.model).config
-        return SharedPromptCollator(pad_token_id=pad_token_id, attention_ratio=attention_cost_ratio(config))
+        # Attended pair by pair, a row's attention work no longer grows with its length: pack full.
+        by_pair = pref_args.pair_attention and pair_attention.can_use(config)
+        ratio = 0.0 if by_pair else attention_cost_ratio(config)
+        return SharedPromptCollator(pad_token_id=pad_token_id, attention_ratio=ratio)
     if pref_args.share_prompt:
         logger.info("--share_prompt: this model's attention takes no custom mask; using padded rows")
     return PairCollator(pad_token_id=pad_token_id)

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from preftune.training import pair_attention
+
 Tensor = torch.Tensor
 
 # Attention implementations that take a custom [rows, 1, tokens, tokens] mask from transformers.
-SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager", pair_attention.PAIR_ATTENTION)
 
 
 @dataclass
@@ -111,18 +113,41 @@ def shared_prompt_mask(
     )
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def model_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict:
     """The forward arguments of either layout."""
     if not is_shared_prompt_batch(batch):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     causal_lm = unwrap_causal_lm(model)
-    mask = shared_prompt_mask(
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if causal_lm.config._attn_implementation == pair_attention.PAIR_ATTENTION:
+        # Attention block by block from the layout. The mask is a zero-memory placeholder (a 4D
+        # mask keeps transformers from building its own); `_forward` checks the layout was used.
+        rows, length = batch["input_ids"].shape
+        placeholder = torch.ones((), dtype=torch.bool, device=batch["input_ids"].device)
+        inputs["attention_mask"] = placeholder.expand(rows, 1, length, length)
+        inputs["pair_layout"] = pair_attention.segments_of(batch)
+        return inputs
+    inputs["attention_mask"] = shared_prompt_mask(
         batch["segment_ids"],
         batch["branch_ids"],
         causal_lm.config._attn_implementation,
         causal_lm.get_input_embeddings().weight.dtype,
     )
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+    return inputs
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, Tensor], **kwargs):
+    """The model's forward on a batch of either layout."""
+    inputs = model_inputs(model, batch)
+    calls = pair_attention.calls_with_layout
+    out = model(**inputs, **kwargs, use_cache=False)
+    if "pair_layout" in inputs and pair_attention.calls_with_layout == calls:
+        raise RuntimeError(
+            f"{type(unwrap_causal_lm(model)).__name__} does not pass extra keywords to its attention "
+            "function, so it cannot take shared-prompt rows block by block: run with "
+            "--pair_attention false"
+        )
+    return out
 
 
 def supports_shared_prompt(model: torch.nn.Module, max_length: int) -> bool:
@@ -147,7 +172,7 @@ def _sum_per_row(token_logps: Tensor, targets: ReplyTargets) -> SequenceLogps:
 
 def plain_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
     """Reference implementation: full logits, log-softmax in fp32, gather the reply tokens."""
-    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    logits = _forward(model, batch).logits
     targets = reply_targets(batch)
     logps = logits.flatten(0, 1)[targets.index].float().log_softmax(dim=-1)  # [n_reply_tokens, vocab]
     token_logps = logps.gather(1, targets.targets.unsqueeze(1)).squeeze(1)
@@ -179,7 +204,7 @@ def chunked_sequence_logps(
 
     # Go through the wrapped model's own forward (so DDP/FSDP hooks and PEFT adapters apply), ask
     # for the last hidden state (after the final norm) and only one position of logits.
-    out = model(**model_inputs(model, batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    out = _forward(model, batch, output_hidden_states=True, logits_to_keep=1)
     targets = reply_targets(batch)
     reply_hidden = out.hidden_states[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
 

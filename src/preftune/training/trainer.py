@@ -21,7 +21,7 @@ from transformers import Trainer
 from preftune.config import PreferenceArguments
 from preftune.losses import preference_loss
 from preftune.models.prepare import POLICY_ADAPTER, REFERENCE_ADAPTER
-from preftune.training import reference_cache
+from preftune.training import pair_attention, reference_cache
 from preftune.training.batching import REF_KEYS
 from preftune.training.logprobs import SequenceLogps, batch_logps, unwrap_causal_lm
 
@@ -62,6 +62,25 @@ class PreferenceTrainer(Trainer):
         }
 
     # ---- log-probs --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _pair_attention(self) -> Iterator[None]:
+        """Shared-prompt rows attended pair by pair (preftune.training.pair_attention) for the
+        duration of a step, its backward (and activation recomputation) included."""
+        if not self.pref.pair_attention:
+            yield
+            return
+        configs = [unwrap_causal_lm(self.model).config]
+        if self.reference_model is not None:
+            configs.append(unwrap_causal_lm(self.reference_model).config)
+        with contextlib.ExitStack() as stack:
+            for config in configs:
+                stack.enter_context(pair_attention.enabled(config))
+            yield
+
+    def training_step(self, *args, **kwargs) -> Tensor:
+        with self._pair_attention():
+            return super().training_step(*args, **kwargs)
 
     def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
         return batch_logps(model, batch, chunked=self.pref.chunked_logps)
@@ -138,7 +157,7 @@ class PreferenceTrainer(Trainer):
         position = 0
         # A DataLoader draws from the global RNG: fork it, so precomputing does not change the
         # shuffling and dropout of the training run that follows.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self._pair_attention():
             for batch in tqdm(loader, desc=desc, disable=not self.is_world_process_zero()):
                 batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in REF_KEYS})
                 chosen, rejected = self.accelerator.gather_for_metrics(
@@ -215,7 +234,7 @@ class PreferenceTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self._pair_attention():
             loss = self._pair_loss(model, inputs, "eval")
         return loss.detach(), None, None
 
