@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -153,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a timed step is 'quiet' when other processes kept less than this share of the cores busy",
     )
     p.add_argument("--tools", default="trl,preftune", help="which tools to run (comma-separated)")
+    p.add_argument(
+        "--preftune_flags",
+        default="",
+        help='extra `preftune dpo` flags for the preftune worker, e.g. "--low_cpu_memory true" or '
+        '"--pair_attention false"',
+    )
     p.add_argument("--sweep", action="store_true", help="max_length 256, 512, 1024, 2048 for both tools")
     p.add_argument("--sweep_lengths", default=",".join(map(str, SWEEP_LENGTHS)))
     p.add_argument("--keep_logs", action="store_true", help="print each worker's log")
@@ -194,6 +201,8 @@ def worker_argv(
     ]  # fmt: skip
     if args.precompute_ref:
         argv.append("--precompute_ref")
+    if args.preftune_flags:
+        argv.append(f"--preftune_flags={args.preftune_flags}")
     if baton:
         argv += ["--baton", baton]
     return argv
@@ -515,6 +524,7 @@ def build_preftune_trainer(args: argparse.Namespace):
         flags += ["--precompute_ref_log_probs", "true"]
     if args.gradient_checkpointing != "default":
         flags += ["--gradient_checkpointing", "true" if args.gradient_checkpointing == "on" else "false"]
+    flags += shlex.split(args.preftune_flags)
     model_args, data_args, pref_args, training_args = parse_command_args(
         (ModelArguments, DataArguments, PreferenceArguments, TrainingArguments),
         flags,
@@ -931,6 +941,7 @@ def compare(args: argparse.Namespace) -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "precompute_ref": args.precompute_ref,
+        "preftune_flags": args.preftune_flags,
         "gradient_checkpointing": args.gradient_checkpointing,
         "threads": args.threads or None,
         "n_pairs": selection["n_pairs"],

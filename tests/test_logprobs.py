@@ -84,6 +84,23 @@ def test_chunked_gradients_match_plain():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_under_bf16_autocast_matches_plain():
+    """Under autocast the head's weight is cast once for all chunks: same numbers as the full
+    logits (which autocast also computes from the bf16 weight), gradients included."""
+    model = make_tiny_llama(VOCAB)
+    _, batch = batch_of_pairs(seed=5)
+    results = []
+    for fn in (plain_sequence_logps, lambda *a: chunked_sequence_logps(*a, chunk_size=3)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = fn(model, batch).logps
+        logps.sum().backward()
+        results.append((logps.detach(), model.lm_head.weight.grad.clone()))
+    (plain, plain_grad), (chunked, chunked_grad) = results
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(chunked_grad, plain_grad, rtol=2e-2, atol=2e-2)
+
+
 def test_chunked_works_through_peft():
     from peft import LoraConfig, get_peft_model
 

@@ -56,6 +56,14 @@ class ModelArguments:
         default=None, metadata={"help": "Storage dtype of 4-bit weights (set to the compute dtype for FSDP)."}
     )
     use_reentrant: bool = field(default=False, metadata={"help": "Reentrant gradient checkpointing."})
+    low_cpu_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU runs: give every freed tensor's memory back to the system at once (lowest "
+            "resident memory, about a third slower: each new tensor's pages are faulted in again); "
+            "false: reuse activation-sized blocks (see preftune/memory.py)."
+        },
+    )
     merge_and_unload: bool = field(
         default=False,
         metadata={

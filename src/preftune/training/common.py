@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from preftune.config import ModelArguments
-from preftune.memory import return_freed_memory_to_the_system
+from preftune.memory import configure_cpu_malloc
 from preftune.models.prepare import POLICY_ADAPTER, PreparedModels
 from preftune.report import report_run
 from preftune.training import distributed
@@ -52,9 +52,9 @@ def configure_training_args(args: TrainingArguments, model_args: ModelArguments,
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     if args.use_cpu or not torch.cuda.is_available():
-        # activations in CPU RAM: keep the resident set near the live tensors. (After the model is
-        # loaded: set before, the load's resident set doubled in benchmarks/dpo_vs_trl.py.)
-        return_freed_memory_to_the_system()
+        # activations in CPU RAM: reuse their memory without letting it fragment (preftune.memory).
+        # (After the model is loaded: set before, the load's resident set doubled.)
+        configure_cpu_malloc(low_memory=model_args.low_cpu_memory)
     if args.gradient_checkpointing:
         # transformers 5 reads activation_checkpointing_kwargs (the old name is copied only at init)
         kwargs = {

@@ -180,12 +180,27 @@ def plain_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Se
 
 
 def _chunk_token_logps(
-    hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None
+    hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module | Tensor, softcap: float | None
 ) -> Tensor:
-    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # bf16 base, fp32 hidden: one dtype
+    """Log-probs of `targets` from their hidden states; `lm_head` is the head or its weight."""
+    if isinstance(lm_head, Tensor):
+        logits = F.linear(hidden.to(lm_head.dtype), lm_head).float()
+    else:
+        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # bf16 base, fp32 hidden: one dtype
     if softcap:  # Gemma 2/3 cap their final logits: softcap * tanh(logits / softcap)
         logits = softcap * torch.tanh(logits / softcap)
     return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.Module | Tensor:
+    """Under autocast, a plain bias-free head's weight cast once for all chunks (autocast would
+    cast the whole [vocab, hidden] matrix again for every chunk); else the head itself."""
+    plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None
+    # (a sharded weight, FSDP's DTensor or DeepSpeed's empty placeholder, is gathered by the module)
+    local = type(lm_head.weight) in (torch.Tensor, torch.nn.Parameter) and lm_head.weight.numel() > 0
+    if not (plain and local and torch.is_autocast_enabled(device.type)):
+        return lm_head
+    return lm_head.weight.to(torch.get_autocast_dtype(device.type))
 
 
 # fp32 logits per chunk: 2**22 floats (16 MiB), e.g. 85 tokens of a 49k vocabulary, 16 of a 256k one
@@ -207,15 +222,16 @@ def chunked_sequence_logps(
     out = _forward(model, batch, output_hidden_states=True, logits_to_keep=1)
     targets = reply_targets(batch)
     reply_hidden = out.hidden_states[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
+    head = _head_for_chunks(lm_head, reply_hidden.device)
 
     pieces = []
     for start in range(0, reply_hidden.shape[0], chunk_size):
         h, t = reply_hidden[start : start + chunk_size], targets.targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
-            pieces.append(checkpoint(_chunk_token_logps, h, t, lm_head, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(h, t, lm_head, softcap))
+            pieces.append(_chunk_token_logps(h, t, head, softcap))
     token_logps = torch.cat(pieces) if pieces else reply_hidden.new_zeros(0, dtype=torch.float32)
     return _sum_per_row(token_logps, targets)
 
