@@ -147,6 +147,7 @@ def test_chat_page_streams_both_panes_and_saves_a_vote(served, browser):
         return browser.find_element(By.CSS_SELECTOR, "#vote-tuned").is_enabled()
 
     wait_for(finished, what="both replies")
+    finished()  # the page may draw the last piece after the vote buttons come on: record it too
     for side in seen:
         text = bot_text(side)
         assert text, f"the {side} pane shows no reply"
