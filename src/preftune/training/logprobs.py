@@ -22,7 +22,9 @@ Two ways to turn the model's outputs into log-probs, with the same numbers:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -217,11 +219,12 @@ def chunked_sequence_logps(
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
 
-    # Go through the wrapped model's own forward (so DDP/FSDP hooks and PEFT adapters apply), ask
-    # for the last hidden state (after the final norm) and only one position of logits.
-    out = _forward(model, batch, output_hidden_states=True, logits_to_keep=1)
+    # Go through the wrapped model's own forward (so DDP/FSDP hooks and PEFT adapters apply), with
+    # only one position of logits, and take the decoder's output (after the final norm).
+    with catch_decoder_output(model) as caught:
+        _forward(model, batch, logits_to_keep=1)
     targets = reply_targets(batch)
-    reply_hidden = out.hidden_states[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
+    reply_hidden = caught[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
     head = _head_for_chunks(lm_head, reply_hidden.device)
 
     pieces = []
@@ -236,6 +239,20 @@ def chunked_sequence_logps(
     return _sum_per_row(token_logps, targets)
 
 
+@contextlib.contextmanager
+def catch_decoder_output(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Within the block, the decoder's output (the last hidden states, after the final norm) of each
+    forward is appended to the yielded list. A forward hook, because output_hidden_states would keep
+    every layer's output alive until the log-probs are done (in a no-grad pass nothing else does)."""
+    caught: list[Tensor] = []
+    decoder = unwrap_causal_lm(model).get_decoder()
+    handle = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
 def supports_chunked_logps(model: torch.nn.Module) -> bool:
     """Chunked log-probs need a decoder + LM head split and a plain logits transform."""
     causal_lm = unwrap_causal_lm(model)
@@ -244,8 +261,16 @@ def supports_chunked_logps(model: torch.nn.Module) -> bool:
         getattr(config, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling")
     )
     accepts_logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+    try:
+        decoder = causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    has_decoder = isinstance(decoder, torch.nn.Module) and decoder is not causal_lm
     return (
-        causal_lm.get_output_embeddings() is not None and accepts_logits_to_keep and not unsupported_scaling
+        causal_lm.get_output_embeddings() is not None
+        and accepts_logits_to_keep
+        and has_decoder
+        and not unsupported_scaling
     )
 
 

@@ -26,7 +26,12 @@ from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
 from preftune.training import common, distributed
-from preftune.training.logprobs import CHUNK_LOGITS, supports_chunked_logps, unwrap_causal_lm
+from preftune.training.logprobs import (
+    CHUNK_LOGITS,
+    catch_decoder_output,
+    supports_chunked_logps,
+    unwrap_causal_lm,
+)
 from preftune.training.packing import IGNORE_INDEX, SFTCollator, pack_examples
 
 logger = logging.getLogger("preftune")
@@ -84,8 +89,9 @@ def token_stats(
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
-    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    hidden = hidden[:, :-1][predict]  # [n_targets, hidden]
+    with catch_decoder_output(model) as caught:
+        model(**inputs, logits_to_keep=1)
+    hidden = caught[-1][:, :-1][predict]  # [n_targets, hidden]
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
