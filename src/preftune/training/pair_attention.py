@@ -71,6 +71,11 @@ def pair_attention_forward(
     out_rows = []
     for row, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         segments = sorted(by_row.get(row, []), key=lambda s: s[1])
+        end = 0
+        for _, start, n_prompt, n_chosen, n_rejected in segments:
+            if start != end:
+                raise ValueError(f"pair_layout: row {row}'s segments are not back to back from 0: {segments}")
+            end += n_prompt + n_chosen + n_rejected
         sizes = [n for _, _, p, c, j in segments for n in (p + c, j)]
         sizes.append(length - sum(sizes))  # padding at the row's end
         qs, ks, vs = (t.split(sizes, dim=2) for t in (q_row, k_row, v_row))
