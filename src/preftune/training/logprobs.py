@@ -181,20 +181,26 @@ def plain_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Se
     return _sum_per_row(token_logps, targets)
 
 
-def _chunk_token_logps(
-    hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module | Tensor, softcap: float | None
-) -> Tensor:
-    """Log-probs of `targets` from their hidden states; `lm_head` is the head or its weight."""
-    if isinstance(lm_head, Tensor):
-        logits = F.linear(hidden.to(lm_head.dtype), lm_head).float()
+def chunk_logits(hidden: Tensor, head: torch.nn.Module | Tensor, softcap: float | None = None) -> Tensor:
+    """fp32 logits of a chunk of hidden states; `head` is the LM head or its (cast) weight."""
+    if isinstance(head, Tensor):
+        logits = F.linear(hidden.to(head.dtype), head)
     else:
-        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # bf16 base, fp32 hidden: one dtype
+        weight = getattr(head, "weight", None)  # a bf16 head and fp32 hidden states: one dtype
+        logits = head(hidden if weight is None else hidden.to(weight.dtype))
+    logits = logits.float()
     if softcap:  # Gemma 2/3 cap their final logits: softcap * tanh(logits / softcap)
         logits = softcap * torch.tanh(logits / softcap)
-    return -F.cross_entropy(logits, targets, reduction="none")
+    return logits
 
 
-def _head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.Module | Tensor:
+def _chunk_token_logps(
+    hidden: Tensor, targets: Tensor, head: torch.nn.Module | Tensor, softcap: float | None
+) -> Tensor:
+    return -F.cross_entropy(chunk_logits(hidden, head, softcap), targets, reduction="none")
+
+
+def head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.Module | Tensor:
     """Under autocast, a plain bias-free head's weight cast once for all chunks (autocast would
     cast the whole [vocab, hidden] matrix again for every chunk); else the head itself."""
     plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None
@@ -225,7 +231,7 @@ def chunked_sequence_logps(
         _forward(model, batch, logits_to_keep=1)
     targets = reply_targets(batch)
     reply_hidden = caught[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
-    head = _head_for_chunks(lm_head, reply_hidden.device)
+    head = head_for_chunks(lm_head, reply_hidden.device)
 
     pieces = []
     for start in range(0, reply_hidden.shape[0], chunk_size):

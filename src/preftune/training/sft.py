@@ -29,6 +29,8 @@ from preftune.training import common, distributed
 from preftune.training.logprobs import (
     CHUNK_LOGITS,
     catch_decoder_output,
+    chunk_logits,
+    head_for_chunks,
     supports_chunked_logps,
     unwrap_causal_lm,
 )
@@ -51,10 +53,8 @@ class TokenStats:
     n_correct: Tensor  # targets that are the argmax prediction
 
 
-def _chunk_stats(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module, softcap: float | None):
-    logits = lm_head(hidden).float()
-    if softcap:  # Gemma 2/3 cap their final logits
-        logits = softcap * torch.tanh(logits / softcap)
+def _chunk_stats(hidden: Tensor, targets: Tensor, head: torch.nn.Module | Tensor, softcap: float | None):
+    logits = chunk_logits(hidden, head, softcap)
     nll = F.cross_entropy(logits, targets, reduction="sum")
     return nll, (logits.detach().argmax(dim=-1) == targets).sum()
 
@@ -92,15 +92,16 @@ def token_stats(
     with catch_decoder_output(model) as caught:
         model(**inputs, logits_to_keep=1)
     hidden = caught[-1][:, :-1][predict]  # [n_targets, hidden]
+    head = head_for_chunks(lm_head, hidden.device)
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
-            chunk_nll, chunk_correct = checkpoint(_chunk_stats, h, t, lm_head, softcap, use_reentrant=False)
+            chunk_nll, chunk_correct = checkpoint(_chunk_stats, h, t, head, softcap, use_reentrant=False)
         else:
-            chunk_nll, chunk_correct = _chunk_stats(h, t, lm_head, softcap)
+            chunk_nll, chunk_correct = _chunk_stats(h, t, head, softcap)
         nll, correct = nll + chunk_nll, correct + chunk_correct
     return TokenStats(nll, predict.sum(), correct)
 
