@@ -8,6 +8,8 @@ layouts feed the model (see preftune.training.batching):
   pairs may share a row (`SharedPromptCollator`). A custom attention mask lets the rejected reply
   see the prompt but not the chosen reply, and its position ids restart where the prompt ends, so
   every token computes exactly what it would in its own padded row, while the prompt is run once.
+  Within a training step (preftune.training.pair_attention switched on) the model attends the
+  segments block by block from their layout instead, leaving the masked blocks out.
 
 Two ways to turn the model's outputs into log-probs, with the same numbers:
 
