@@ -11,7 +11,8 @@ the base output by one in-place addmm, and an input is cast to the autocast dtyp
 by every layer that reads it. Same maths: only the order of floating-point roundings changes.
 
 Used for the plain case only: one active adapter, unmerged, no DoRA or other variant, no dropout,
-an `nn.Linear` base. Anything else (including PEFT's own adapter switching) takes PEFT's forward.
+an `nn.Linear` base; with the adapters disabled (the reference pass), the base layer alone.
+Anything else takes PEFT's forward.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-# The last input cast for autocast, reused while the same tensor comes in (q/k/v, gate/up).
-_last_cast: tuple[Tensor, int, torch.dtype, Tensor] | None = None
+# The last input cast for autocast, reused while the same tensor comes in (q/k/v, gate/up), in the
+# same grad mode (a cast made under no_grad carries no graph back to its input).
+_last_cast: tuple[Tensor, int, torch.dtype, bool, Tensor] | None = None
 
 
 def _autocast_input(x: Tensor) -> Tensor:
@@ -36,12 +38,11 @@ def _autocast_input(x: Tensor) -> Tensor:
     dtype = torch.get_autocast_dtype(device)
     if x.dtype == dtype:
         return x
-    if _last_cast is not None:
-        source, version, cast_dtype, cast = _last_cast
-        if source is x and version == x._version and cast_dtype == dtype:
-            return cast
+    key = (x._version, dtype, torch.is_grad_enabled())
+    if _last_cast is not None and _last_cast[0] is x and _last_cast[1:4] == key:
+        return _last_cast[4]
     cast = x.to(dtype)
-    _last_cast = (x, x._version, dtype, cast)
+    _last_cast = (x, *key, cast)
     return cast
 
 

@@ -60,7 +60,6 @@ def pair_attention_forward(
     calls_with_layout += 1
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    dropout = dropout if module.training else 0.0
     length = query.shape[2]
     by_row: dict[int, list[Segment]] = {}
     for segment in pair_layout:
