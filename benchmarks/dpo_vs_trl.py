@@ -685,6 +685,7 @@ def _train_and_measure(
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "torch_threads": torch.get_num_threads(),
+        "glibc_tcache_off": "glibc.malloc.tcache_count=0" in os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -750,6 +751,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, peak_tflops: float) ->
         "matmul_params": n,
         "trainable_params": first["trainable_params"],
         "gradient_checkpointing": first["gradient_checkpointing"],
+        "glibc_tcache_off": first["glibc_tcache_off"],
         "model_tflops_per_s": flops / total_s / 1e12,
         "mfu": flops / total_s / 1e12 / peak_tflops,
     }
@@ -1077,6 +1079,11 @@ def sweep(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.worker == "preftune" and argv is None:
+        # what `preftune dpo` does first: restart with glibc's tcache off (preftune/memory.py)
+        from preftune.memory import restart_with_malloc_tunables
+
+        restart_with_malloc_tunables()
     if args.threads:  # the matmul probe (parent) and the workers use the same thread count
         import torch
 

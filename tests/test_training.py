@@ -418,19 +418,6 @@ def test_gradient_checkpointing_uses_the_use_reentrant_flag(
     assert all(f.keywords.get("use_reentrant") is use_reentrant for f in funcs), [f.keywords for f in funcs]
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_cpu_malloc_settings_are_accepted(low_memory):
-    """glibc's malloc accepts both settings (their effect on speed and peak RSS is measured by
-    benchmarks/dpo_vs_trl.py)."""
-    import sys
-
-    from preftune.memory import configure_cpu_malloc
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    assert configure_cpu_malloc(low_memory=low_memory)
-
-
 def test_disable_dropout_makes_the_policy_deterministic():
     from conftest import make_tiny_llama
     from peft import LoraConfig, get_peft_model

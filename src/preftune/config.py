@@ -59,9 +59,9 @@ class ModelArguments:
     low_cpu_memory: bool = field(
         default=False,
         metadata={
-            "help": "CPU runs: give every freed tensor's memory back to the system at once (lowest "
-            "resident memory, about a third slower: each new tensor's pages are faulted in again); "
-            "false: reuse activation-sized blocks (see preftune/memory.py)."
+            "help": "CPU runs: give every freed tensor's memory back to the system at once (slower: "
+            "each new tensor's pages are faulted in again); false: reuse freed memory from a heap "
+            "kept unfragmented (see preftune/memory.py)."
         },
     )
     merge_and_unload: bool = field(

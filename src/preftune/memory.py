@@ -1,40 +1,77 @@
-"""How a CPU run takes tensor memory from glibc's malloc: a speed / resident-memory trade-off.
+"""How a CPU run takes tensor memory from glibc's malloc: fast reuse without fragmentation.
 
 On the CPU, PyTorch takes tensor memory from the C library's malloc. glibc serves a request below
 its mmap threshold from a heap arena (freed blocks are reused) and a larger one from a fresh
 mapping (returned to the system when freed, but every page of the next one is faulted in and
-zeroed by the kernel again). By default it raises that threshold (up to 32 MiB) each time a mapped
-block is freed, and gives each thread its own arena: the activations of every step end up in
-arenas that fragment, and the resident set of a DPO run of the embedded model grew by 2 GiB while
-its live tensors peaked about 230 MiB above the step start (benchmarks/profile_preftune_step.py).
+zeroed by the kernel again: in a DPO step of the embedded model that was a third of the step).
+Reusing activation-sized blocks from the heap is fast, but the heap fragments: with glibc's
+defaults the resident set of that step grew by about 500 MiB while its live tensors grew by about
+110 MiB (mallinfo2 sampled during the step: heap 660 MiB, in use at most 310 MiB).
 
-We fix the threshold (which turns the raising off) and use one arena, in one of two settings:
+The fragmentation comes from the small free chunks glibc keeps out of circulation, in its
+per-thread cache ("tcache") and its fast bins: they count as in use, so the big blocks freed
+between them never merge, and the next big request extends the heap. With both off, a freed block
+merges with its free neighbours at once and the heap stays within a few tens of MiB of what is
+live. Then even the activation tensors of a long row can come from the heap (a 32 MiB mmap
+threshold) and be reused, with no page faults. Measured on the embedded model (fp32, max_length
+512, batch 2, 4 Trainer steps): 9.5 s/step and 1.65 GiB peak RSS with glibc's defaults and a
+2 MiB threshold; 9.5 s/step and 1.25 GiB with the settings here (benchmarks/dpo_vs_trl.py
+compares them with TRL: README, "Performance").
 
-- default (`MMAP_THRESHOLD`, 2 MiB): the many activation-sized blocks of a step come from the
-  heap and are reused; a DPO step of the embedded model (fp32, max_length 512, batch 2) took
-  about 8-9 s instead of 11-14 s, at a training peak RSS of about 1.65 GiB instead of 1.25 GiB.
-- `--low_cpu_memory` (`LOW_MEMORY_MMAP_THRESHOLD`, 128 KiB, glibc's starting value): almost every
-  tensor gets its own mapping and goes back to the system when freed; the lowest resident set,
-  paid for with page faults (about 3 million per step above: a third of the step's time).
+glibc reads the tcache setting only when a process starts (there is no mallopt for it), so the
+command line re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.tcache_count=0`
+(`restart_with_malloc_tunables`); the rest is set with mallopt after the model is loaded
+(`configure_cpu_malloc`). A user's own `glibc.malloc.tcache_count` in GLIBC_TUNABLES is kept.
+Used as a library (no restart), the tcache stays on and the threshold stays at 2 MiB, where the
+fragmentation costs least.
 
-benchmarks/dpo_vs_trl.py measures both against TRL (README, "Performance").
+`--low_cpu_memory` keeps glibc's starting threshold (128 KiB): almost every tensor gets its own
+mapping and goes back to the system when freed; the lowest resident set, paid for in page faults.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 logger = logging.getLogger("preftune")
 
 # mallopt parameters (glibc malloc.h)
+M_MXFAST = 1
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
-MMAP_THRESHOLD = 2 * 1024 * 1024
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
+RESTART_MARK = "PREFTUNE_MALLOC_RESTARTED"  # set in the restarted process: never restart twice
+
+MMAP_THRESHOLD = 32 * 1024 * 1024  # tcache off: activations of rows up to ~14k tokens (fp32) reused
+TCACHE_ON_MMAP_THRESHOLD = 2 * 1024 * 1024  # tcache on: a bigger threshold fragments more
 LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
+TRIM_THRESHOLD = 64 * 1024 * 1024  # free memory at the heap's top kept for the next step
+
+
+def tcache_is_off() -> bool:
+    """Whether this process was started with glibc's per-thread cache off."""
+    return "glibc.malloc.tcache_count=0" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def restart_with_malloc_tunables() -> None:
+    """Re-execute this Python process (same interpreter, same arguments) with glibc's tcache off.
+
+    Call it first thing in a command, before anything is loaded. Does nothing outside Linux, when
+    the process already is the restarted one, or when GLIBC_TUNABLES already sets a tcache_count
+    (a user's choice, e.g. `glibc.malloc.tcache_count=7` for glibc's default)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or os.environ.get(RESTART_MARK) or "tcache_count" in tunables:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TCACHE_OFF) if t))
+    env[RESTART_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def configure_cpu_malloc(low_memory: bool = False) -> bool:
@@ -48,15 +85,65 @@ def configure_cpu_malloc(low_memory: bool = False) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    threshold = LOW_MEMORY_MMAP_THRESHOLD if low_memory else MMAP_THRESHOLD
+    if low_memory:
+        threshold, trim = LOW_MEMORY_MMAP_THRESHOLD, LOW_MEMORY_MMAP_THRESHOLD
+    elif tcache_is_off():
+        threshold, trim = MMAP_THRESHOLD, TRIM_THRESHOLD
+    else:
+        threshold, trim = TCACHE_ON_MMAP_THRESHOLD, TCACHE_ON_MMAP_THRESHOLD
     ok = all(
         mallopt(param, value) == 1
         for param, value in (
             (M_MMAP_THRESHOLD, threshold),
-            (M_TRIM_THRESHOLD, threshold),
+            (M_TRIM_THRESHOLD, trim),
             (M_ARENA_MAX, 1),
+            (M_MXFAST, 0),  # no fast bins: freed small chunks merge with their neighbours at once
         )
     )
     if not ok:
         logger.debug("mallopt refused a setting; CPU memory may stay above what tensors need")
     return ok
+
+
+MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of regular files, from /proc/self/maps."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def release_file_pages(tensors: list) -> int:
+    """Take the pages of weights read from a memory-mapped file out of the resident set.
+
+    safetensors weights are views of the mapped checkpoint file. Casting them to another dtype reads
+    every page, and those pages stay resident until the whole file is unmapped: the fp32 file plus
+    the bf16 copies at once. Called on the old weights right after each cast, the file's pages go
+    layer by layer. Only whole pages inside a tensor that lies in a mapped file are released, so
+    the file is never touched (a later read would fault the page in again from the page cache).
+    Call it only on tensors nothing else writes to. Returns the bytes released (0 outside Linux)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = _file_mappings()
+    released = 0
+    for tensor in tensors:
+        begin = tensor.data_ptr()
+        end = begin + tensor.numel() * tensor.element_size()
+        if not any(start <= begin and end <= stop for start, stop in spans):
+            continue
+        first, last = -(-begin // page) * page, end // page * page
+        if (
+            last > first
+            and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0
+        ):
+            released += last - first
+    return released

@@ -22,6 +22,8 @@ import warnings
 from rich.console import Console
 from rich.markup import escape
 
+from preftune.memory import restart_with_malloc_tunables
+
 console = Console(stderr=True)
 
 COMMANDS = {
@@ -159,6 +161,7 @@ HANDLERS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in HANDLERS:
         console.print(f"[red]preftune: unknown command {command!r}[/red]\n{_usage()}")
         sys.exit(2)
+    if from_command_line:
+        restart_with_malloc_tunables()  # CPU memory: see preftune/memory.py
     _setup_logging()
     try:
         sys.exit(HANDLERS[command](rest))

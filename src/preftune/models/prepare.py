@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from preftune.config import ModelArguments
+from preftune.memory import release_file_pages
 from preftune.models.embedded import embedded_model_path
 from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
 
@@ -242,20 +244,30 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     LoRA weights (trainable or the frozen `reference` adapter) and the LM head are left alone."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
+    # Weights loaded from safetensors can be views of the memory-mapped file: after each cast the
+    # file pages it read are released (release_file_pages), unless a weight is shared.
+    storages = Counter(p.untyped_storage().data_ptr() for p in causal_lm.parameters())
+
+    def unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t for t in tensors if storages[t.untyped_storage().data_ptr()] == 1]
+
     count = 0
     for name, module in causal_lm.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is lm_head or "lora_" in name:
             continue
         if any(p.requires_grad for p in module.parameters()):
             continue
+        old = unshared([p.data for p in module.parameters()])
         module.to(dtype)
+        release_file_pages(old)
         count += 1
-    # Weights loaded from safetensors can be views of the memory-mapped file: own the ones left in
-    # their dtype, so the mapping (and the file pages the cast read) can go.
+    # own the frozen weights left in their dtype, so the mapping can go
     with torch.no_grad():
         for param in causal_lm.parameters():
             if param.dtype != dtype and not param.requires_grad:
+                old = unshared([param.data])
                 param.data = param.data.clone()
+                release_file_pages(old)
     return count
 
 

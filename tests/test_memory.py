@@ -1,0 +1,119 @@
+"""CPU memory settings (preftune/memory.py): glibc's malloc, the restart that turns its tcache off,
+and releasing the file pages of weights cast to another dtype. Their effect on speed and peak RSS
+is measured by benchmarks/dpo_vs_trl.py, not here."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from preftune.memory import configure_cpu_malloc, release_file_pages
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc / Linux only")
+
+SHOW_ENV = (
+    "import os, sys\n"
+    "from preftune.memory import restart_with_malloc_tunables\n"
+    "print('started', flush=True)\n"
+    "restart_with_malloc_tunables()\n"
+    "print(os.environ.get('GLIBC_TUNABLES'), os.environ.get('PREFTUNE_MALLOC_RESTARTED'), sys.argv[1:])\n"
+)
+
+
+def _run(env_extra: dict) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PREFTUNE_MALLOC_RESTARTED")}
+    out = subprocess.run(
+        [sys.executable, "-c", SHOW_ENV, "a", "--b"],
+        env={**env, **env_extra},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.splitlines()
+
+
+@linux_only
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_cpu_malloc_settings_are_accepted(low_memory):
+    assert configure_cpu_malloc(low_memory=low_memory)
+
+
+@linux_only
+def test_restart_turns_the_tcache_off_once_and_keeps_the_arguments():
+    lines = _run({"GLIBC_TUNABLES": "glibc.malloc.arena_test=2"})
+    # the script ran twice (before and after the restart), the second time with the tunable added
+    assert lines == [
+        "started",
+        "started",
+        "glibc.malloc.arena_test=2:glibc.malloc.tcache_count=0 1 ['a', '--b']",
+    ]
+
+
+@linux_only
+def test_restart_keeps_a_users_own_tcache_setting():
+    lines = _run({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"})
+    assert lines == ["started", "glibc.malloc.tcache_count=7 None ['a', '--b']"]
+
+
+def _resident_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(maxsplit=1)[0]:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@linux_only
+def test_release_file_pages_drops_a_mapped_tensor_from_the_resident_set(tmp_path):
+    path = tmp_path / "weights.bin"
+    values = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MiB
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r"))
+    anonymous = torch.from_numpy(values.copy())
+    assert torch.equal(mapped, torch.from_numpy(values))  # every page read
+    before = _resident_kib(str(path))
+    assert before >= 15 * 1024
+    released = release_file_pages([mapped, anonymous])  # the anonymous copy is left alone
+    assert released >= 15 * 1024 * 1024
+    assert _resident_kib(str(path)) < before - 15 * 1024
+    assert torch.equal(mapped, torch.from_numpy(values))  # read again from the file
+    assert torch.equal(anonymous, torch.from_numpy(values))
+
+
+def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
+    """bf16 storage of the frozen base (loaded as views of the safetensors file, whose pages are
+    released after each cast): every weight is the original rounded to bf16, the embedding and
+    the LoRA weights stay fp32 and exact."""
+    from conftest import make_tiny_llama
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from preftune.models.prepare import store_frozen_linear_weights
+
+    make_tiny_llama(64).save_pretrained(tmp_path, safe_serialization=True)
+    original = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tmp_path).state_dict().items()}
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32),
+        LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0),
+    )
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert store_frozen_linear_weights(model, torch.bfloat16) == 2 * 7
+    state = model.get_base_model().state_dict()
+    for name, value in original.items():
+        if name.endswith("proj.weight"):
+            stored = state[name.replace(".weight", ".base_layer.weight")]
+            assert stored.dtype == torch.bfloat16
+            assert torch.equal(stored, value.to(torch.bfloat16)), name
+        else:
+            assert state[name].dtype == torch.float32
+            assert torch.equal(state[name], value), name
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert param.dtype == torch.float32 and torch.equal(param.detach(), lora[name])
