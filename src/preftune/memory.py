@@ -14,9 +14,9 @@ between them never merge, and the next big request extends the heap. With both o
 merges with its free neighbours at once and the heap stays within a few tens of MiB of what is
 live. Then even the activation tensors of a long row can come from the heap (a 32 MiB mmap
 threshold) and be reused, with no page faults. Measured on the embedded model (fp32, max_length
-512, batch 2, 4 Trainer steps): 9.5 s/step and 1.65 GiB peak RSS with glibc's defaults and a
-2 MiB threshold; 9.5 s/step and 1.25 GiB with the settings here (benchmarks/dpo_vs_trl.py
-compares them with TRL: README, "Performance").
+512, batch 2, 4 Trainer steps): 10.2 s/step and 1.66 GiB peak RSS with the tcache on and a 2 MiB
+threshold; 9.5 s/step and 1.25 GiB with the settings here (benchmarks/dpo_vs_trl.py compares them
+with TRL: README, "Performance").
 
 glibc reads the tcache setting only when a process starts (there is no mallopt for it), so the
 command line re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.tcache_count=0`
