@@ -108,9 +108,11 @@ def configure_cpu_malloc(low_memory: bool = False) -> bool:
 MADV_DONTNEED = 4
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of regular files, from /proc/self/maps."""
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of regular files, from /proc/self/maps (Linux)."""
     spans = []
+    if not sys.platform.startswith("linux"):
+        return spans
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
@@ -120,7 +122,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def release_file_pages(tensors: list) -> int:
+def release_file_pages(tensors: list, mappings: list[tuple[int, int]] | None = None) -> int:
     """Take the pages of weights read from a memory-mapped file out of the resident set.
 
     safetensors weights are views of the mapped checkpoint file. Casting them to another dtype reads
@@ -128,12 +130,13 @@ def release_file_pages(tensors: list) -> int:
     the bf16 copies at once. Called on the old weights right after each cast, the file's pages go
     layer by layer. Only whole pages inside a tensor that lies in a mapped file are released, so
     the file is never touched (a later read would fault the page in again from the page cache).
-    Call it only on tensors nothing else writes to. Returns the bytes released (0 outside Linux)."""
+    Call it only on tensors nothing else writes to. `mappings`: `file_mappings()` read once for
+    many calls (casting maps no new files). Returns the bytes released (0 outside Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
-    spans = _file_mappings()
+    spans = file_mappings() if mappings is None else mappings
     released = 0
     for tensor in tensors:
         begin = tensor.data_ptr()

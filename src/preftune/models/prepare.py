@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from preftune.config import ModelArguments
-from preftune.memory import release_file_pages
+from preftune.memory import file_mappings, release_file_pages
 from preftune.models.embedded import embedded_model_path
 from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
 
@@ -247,6 +247,7 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     # Weights loaded from safetensors can be views of the memory-mapped file: after each cast the
     # file pages it read are released (release_file_pages), unless a weight is shared.
     storages = Counter(p.untyped_storage().data_ptr() for p in causal_lm.parameters())
+    mappings = file_mappings()
 
     def unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t for t in tensors if storages[t.untyped_storage().data_ptr()] == 1]
@@ -259,7 +260,7 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
             continue
         old = unshared([p.data for p in module.parameters()])
         module.to(dtype)
-        release_file_pages(old)
+        release_file_pages(old, mappings)
         count += 1
     # own the frozen weights left in their dtype, so the mapping can go
     with torch.no_grad():
@@ -267,7 +268,7 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
             if param.dtype != dtype and not param.requires_grad:
                 old = unshared([param.data])
                 param.data = param.data.clone()
-                release_file_pages(old)
+                release_file_pages(old, mappings)
     return count
 
 
