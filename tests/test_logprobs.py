@@ -372,3 +372,53 @@ def test_fused_lora_forward_leaves_other_cases_to_peft():
         torch.testing.assert_close(
             fused(input_ids=x).logits, peft_model(input_ids=x).logits, rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
+def test_padded_attention_blocks_equal_unpadded(monkeypatch, causal):
+    """Blocks padded to LENGTH_BUCKET (as on a CPU in bf16) give the unpadded outputs and gradients;
+    forced here in fp32 so the comparison is tight."""
+    import torch.nn.functional as F
+
+    from preftune.training import pair_attention
+
+    torch.manual_seed(0)
+    n_q, n_prompt = 37, 21
+    n_k = n_q if causal else n_prompt + n_q
+    q, k, v = (torch.randn(1, 4, n, 16, requires_grad=True) for n in (n_q, n_k, n_k))
+    mask = None if causal else torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_prompt)
+    weights = torch.randn(1, 4, n_q, 16)
+    real_sdpa = F.scaled_dot_product_attention
+    seen = []  # query lengths SDPA was called with
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(args[0].shape[2])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    results = []
+    for padded in (False, True):
+        monkeypatch.setattr(pair_attention, "_bucketed_lengths", lambda query, padded=padded: padded)
+        seen.clear()
+        out = pair_attention.attend(q, k, v, mask, 0.0, None)
+        (out * weights).sum().backward()
+        assert seen == [64 if padded else n_q] and out.shape[2] == n_q
+        results.append((out.detach(), [t.grad.clone() for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+    (plain, plain_grads), (padded_out, padded_grads) = results
+    torch.testing.assert_close(padded_out, plain, rtol=0, atol=1e-5)
+    for a, b in zip(padded_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_attention_lengths_are_bucketed_on_cpu_in_bf16_only():
+    from preftune.training import pair_attention
+
+    assert pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.bfloat16))
+    assert pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.float16))
+    assert not pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.float32))
+    q = torch.randn(1, 2, 10, 8, dtype=torch.bfloat16)
+    out = pair_attention.attend(q, q, q, None, 0.0, None)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

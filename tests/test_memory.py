@@ -89,8 +89,8 @@ def test_release_file_pages_drops_a_mapped_tensor_from_the_resident_set(tmp_path
 
 def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
     """bf16 storage of the frozen base (loaded as views of the safetensors file, whose pages are
-    released after each cast): every weight is the original rounded to bf16, the embedding and
-    the LoRA weights stay fp32 and exact."""
+    released after each cast): every linear weight is the original rounded to bf16, the tied LM
+    head gets its own bf16 copy, the embedding and the LoRA weights stay fp32 and exact."""
     from conftest import make_tiny_llama
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -104,16 +104,45 @@ def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
         LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0),
     )
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    assert store_frozen_linear_weights(model, torch.bfloat16) == 2 * 7
-    state = model.get_base_model().state_dict()
+    assert store_frozen_linear_weights(model, torch.bfloat16) == 2 * 7 + 1
+    base = model.get_base_model()
+    embedding = original["model.embed_tokens.weight"]
+    assert base.lm_head.weight.dtype == torch.bfloat16 and not base.lm_head.weight.requires_grad
+    assert torch.equal(base.lm_head.weight, embedding.to(torch.bfloat16))  # what autocast computes with
+    assert base.get_input_embeddings().weight.dtype == torch.float32  # untied: lookups stay exact
+    state = base.state_dict()
     for name, value in original.items():
         if name.endswith("proj.weight"):
             stored = state[name.replace(".weight", ".base_layer.weight")]
             assert stored.dtype == torch.bfloat16
             assert torch.equal(stored, value.to(torch.bfloat16)), name
-        else:
+        elif name != "lm_head.weight":
             assert state[name].dtype == torch.float32
             assert torch.equal(state[name], value), name
     for name, param in model.named_parameters():
         if "lora_" in name:
             assert param.dtype == torch.float32 and torch.equal(param.detach(), lora[name])
+
+
+CACHE_ENV = (
+    "import os\n"
+    "from preftune.memory import restart_with_malloc_tunables\n"
+    "restart_with_malloc_tunables()\n"
+    "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'), os.environ.get('LRU_CACHE_CAPACITY'))\n"
+)
+
+
+@pytest.mark.parametrize("users", [None, "7"], ids=["default", "users-own"])
+def test_the_kernel_caches_are_capped_unless_the_user_sets_them(users):
+    """oneDNN's compiled-kernel caches are capped (in the restarted process too); a user's own
+    setting is kept."""
+    from preftune.memory import KERNEL_CACHE_CAPACITY, KERNEL_CACHE_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
+    if users:
+        env.update({name: users for name in KERNEL_CACHE_VARIABLES})
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_ENV], env=env, capture_output=True, text=True, check=True
+    )
+    expected = users or str(KERNEL_CACHE_CAPACITY)
+    assert out.stdout.split() == [expected, expected]

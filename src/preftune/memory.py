@@ -25,6 +25,15 @@ command line re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.tcache_co
 Used as a library (no restart), the tcache stays on and the threshold stays at 2 MiB, where the
 fragmentation costs least.
 
+Compiled kernel caches. On a CPU, PyTorch runs bf16 matmuls through oneDNN, which compiles a
+kernel ("primitive") for each new matmul shape and keeps up to 1024 of them (0.3-0.8 MiB each).
+Shared-prompt rows change the token count from step to step, so a DPO step of the embedded model
+added about 40 new ones: 28 MiB more every step, for hundreds of steps. `limit_kernel_caches` caps
+oneDNN's cache (and ideep's, above it) at KERNEL_CACHE_CAPACITY, which holds one step's set, so
+the kernels of a step are reused through its layers, its recomputation and its backward; a new
+kernel costs under a millisecond to build. (The CPU flash attention keeps its kernels without any
+limit: preftune.training.pair_attention pads its blocks to a few lengths instead.)
+
 `--low_cpu_memory` keeps glibc's starting threshold (128 KiB): almost every tensor gets its own
 mapping and goes back to the system when freed; the lowest resident set, paid for in page faults.
 """
@@ -53,6 +62,17 @@ LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
 TRIM_THRESHOLD = 64 * 1024 * 1024  # free memory at the heap's top kept for the next step
 
 
+KERNEL_CACHE_CAPACITY = 64
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def limit_kernel_caches() -> None:
+    """Cap oneDNN's compiled-kernel caches (see the module docstring), unless the environment
+    already sets them. Takes effect if called before the first bf16 matmul of the process."""
+    for name in KERNEL_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(KERNEL_CACHE_CAPACITY))
+
+
 def tcache_is_off() -> bool:
     """Whether this process was started with glibc's per-thread cache off."""
     return "glibc.malloc.tcache_count=0" in os.environ.get("GLIBC_TUNABLES", "")
@@ -63,7 +83,9 @@ def restart_with_malloc_tunables() -> None:
 
     Call it first thing in a command, before anything is loaded. Does nothing outside Linux, when
     the process already is the restarted one, or when GLIBC_TUNABLES already sets a tcache_count
-    (a user's choice, e.g. `glibc.malloc.tcache_count=7` for glibc's default)."""
+    (a user's choice, e.g. `glibc.malloc.tcache_count=7` for glibc's default). Caps the kernel
+    caches first (`limit_kernel_caches`), in this process and so in the restarted one."""
+    limit_kernel_caches()
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if not sys.platform.startswith("linux") or os.environ.get(RESTART_MARK) or "tcache_count" in tunables:
         return

@@ -241,7 +241,11 @@ def disable_dropout(model: torch.nn.Module) -> int:
 def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen base weights of linear layers in `dtype`; returns how many layers.
 
-    LoRA weights (trainable or the frozen `reference` adapter) and the LM head are left alone."""
+    LoRA weights (trainable or the frozen `reference` adapter) are left alone. The LM head is
+    stored in `dtype` too: under autocast its matmul would cast the whole [vocab, hidden] weight
+    at every call, a transient copy of it twice a step. A head tied to the input embedding is
+    untied for this: the embedding keeps its dtype (its lookups are not autocast, so the numbers
+    stay autocast's), the head gets its own `dtype` copy."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
     # Weights loaded from safetensors can be views of the memory-mapped file: after each cast the
@@ -261,6 +265,21 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
         old = unshared([p.data for p in module.parameters()])
         module.to(dtype)
         release_file_pages(old, mappings)
+        count += 1
+    head_weight = getattr(lm_head, "weight", None)
+    if (
+        type(lm_head) is torch.nn.Linear
+        and not head_weight.requires_grad
+        and head_weight.dtype != dtype
+        and type(head_weight) in (torch.Tensor, torch.nn.Parameter)
+    ):
+        embedding = causal_lm.get_input_embeddings()
+        if embedding is not None and getattr(embedding, "weight", None) is head_weight:  # tied
+            lm_head.weight = torch.nn.Parameter(head_weight.detach().to(dtype), requires_grad=False)
+        else:
+            old = unshared([head_weight.data])
+            lm_head.to(dtype)
+            release_file_pages(old, mappings)
         count += 1
     # own the frozen weights left in their dtype, so the mapping can go
     with torch.no_grad():

@@ -12,6 +12,12 @@ So a pair costs about (P + C)^2 / 2 + J * (P + J) scores instead of (row length)
 longer grows with how many pairs share a row, and rows can be packed full (no padding). The numbers
 are the masked path's: the same scores, softmax and weighted sums, only the masked terms left out.
 
+On a CPU in bf16/fp16, every block is padded to a length that is a multiple of LENGTH_BUCKET (see
+`attend`): torch's CPU flash attention compiles a kernel for each new sequence length in those
+dtypes and keeps all of them for the life of the process, so without this a run's memory grew with
+every new pair length (to over 1 GiB in a few hundred steps). Padding is exact: padded keys are
+masked or, in a causal block, after every real query; padded queries' outputs are dropped.
+
 The layout travels as a `pair_layout` keyword through the model's forward to its attention function
 (transformers passes extra keywords down to `AttentionInterface` functions, as it does for
 flash-attention's packed sequences). The model also keeps getting the full boolean mask, so a model
@@ -35,6 +41,9 @@ PAIR_ATTENTION = "preftune_pairs"
 
 # One segment of a row: (row, start, prompt length, chosen length, rejected length).
 Segment = tuple[int, int, int, int, int]
+
+# Block lengths are rounded up to a multiple of this on a CPU in bf16/fp16 (module docstring).
+LENGTH_BUCKET = 64
 
 # How many attention calls took a layout (preftune.training.logprobs checks a forward made some).
 calls_with_layout = 0
@@ -85,21 +94,12 @@ def pair_attention_forward(
                 pieces.append(_masked_block(qs, ks, vs, shared, reply, n_prompt, dropout, scaling))
                 continue
             # prompt + chosen: causal over itself
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    qs[shared], ks[shared], vs[shared], dropout_p=dropout, is_causal=True, scale=scaling
-                )
-            )
+            pieces.append(attend(qs[shared], ks[shared], vs[shared], None, dropout, scaling))
             # rejected: reply token t sees every prompt key and reply keys 0..t
             keys = torch.cat([ks[shared][:, :, :n_prompt], ks[reply]], dim=2)
             values = torch.cat([vs[shared][:, :, :n_prompt], vs[reply]], dim=2)
             mask = torch.ones(n_rejected, n_prompt + n_rejected, dtype=torch.bool, device=query.device)
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    qs[reply], keys, values,
-                    attn_mask=mask.tril(diagonal=n_prompt), dropout_p=dropout, scale=scaling,
-                )
-            )  # fmt: skip
+            pieces.append(attend(qs[reply], keys, values, mask.tril(diagonal=n_prompt), dropout, scaling))
         # padding: zeros (nothing reads it; no NaN from an empty softmax)
         pieces.append(q_row.new_zeros(1, q_row.shape[1], sizes[-1], v_row.shape[-1]))
         out_rows.append(torch.cat(pieces, dim=2))
@@ -117,7 +117,43 @@ def _masked_block(qs, ks, vs, shared: int, reply: int, n_prompt: int, dropout: f
     other_branch = (position[:, None] >= n_shared) & (position[None, :] >= n_prompt)
     other_branch &= position[None, :] < n_shared
     mask = causal & ~other_branch
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return attend(q, k, v, mask, dropout, scaling)
+
+
+def _bucketed_lengths(query: Tensor) -> bool:
+    """Whether torch's SDPA would compile a kernel per sequence length (CPU, bf16/fp16)."""
+    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+
+
+def _pad_tokens(t: Tensor, length: int) -> Tensor:
+    """`t` [rows, heads, tokens, dim] with zero tokens appended up to `length`."""
+    extra = length - t.shape[2]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, scaling) -> Tensor:
+    """SDPA of one block: causal when `mask` is None (then q and k have the same length), else with
+    the boolean `mask` [q tokens, k tokens] (True: attend).
+
+    On a CPU in bf16/fp16 the query and key lengths are rounded up to a multiple of LENGTH_BUCKET
+    (module docstring). The padded keys are never seen by a real query (masked, or after it in a
+    causal block), each padded query sees at least one key (no empty softmax), and the padded
+    queries' outputs are dropped, so real outputs and gradients are the unpadded ones."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    if _bucketed_lengths(q):
+        padded_q, padded_k = (-(-n // LENGTH_BUCKET) * LENGTH_BUCKET for n in (n_q, n_k))
+    else:
+        padded_q, padded_k = n_q, n_k
+    if mask is not None and (padded_q, padded_k) != (n_q, n_k):
+        full = torch.zeros(padded_q, padded_k, dtype=torch.bool, device=mask.device)
+        full[:n_q, :n_k] = mask
+        full[n_q:, 0] = True
+        mask = full
+    q, k, v = _pad_tokens(q, padded_q), _pad_tokens(k, padded_k), _pad_tokens(v, padded_k)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+    )
+    return out if padded_q == n_q else out[:, :, :n_q]
 
 
 AttentionInterface.register(PAIR_ATTENTION, pair_attention_forward)
