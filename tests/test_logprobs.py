@@ -422,3 +422,28 @@ def test_attention_lengths_are_bucketed_on_cpu_in_bf16_only():
     out = pair_attention.attend(q, q, q, None, 0.0, None)
     expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_reply_token_logps_function_matches_cross_entropy():
+    """The fused chunk function: -cross_entropy's values and its gradients for the hidden states
+    and the head weight (fp32, tight)."""
+    import torch.nn.functional as F
+
+    from preftune.training.logprobs import ReplyTokenLogps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    upstream = torch.randn(7)
+    results = []
+    for fn in (
+        lambda h, w: -F.cross_entropy(F.linear(h, w), targets, reduction="none"),
+        lambda h, w: ReplyTokenLogps.apply(h, targets, w),
+    ):
+        out = fn(hidden, weight)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -146,3 +146,25 @@ def test_the_kernel_caches_are_capped_unless_the_user_sets_them(users):
     )
     expected = users or str(KERNEL_CACHE_CAPACITY)
     assert out.stdout.split() == [expected, expected]
+
+
+@linux_only
+def test_release_free_heap_returns_freed_pages():
+    """Freed blocks below a live one stay resident until malloc_trim hands their pages back."""
+    import ctypes
+
+    from preftune.memory import release_free_heap
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(256)]  # 16 MiB below the heap's top
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    keep = libc.malloc(64 * 1024)  # pins the top
+    for block in blocks:
+        libc.free(block)
+    before = _resident_kib("[heap]")
+    assert release_free_heap()
+    assert _resident_kib("[heap]") < before - 8 * 1024
+    libc.free(keep)

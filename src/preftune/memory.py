@@ -127,6 +127,22 @@ def configure_cpu_malloc(low_memory: bool = False) -> bool:
     return ok
 
 
+def release_free_heap() -> bool:
+    """Hand the free pages inside glibc's heap back to the system (malloc_trim).
+
+    Called at the start of each CPU training step. The heap only shrinks from its top, so a block
+    allocated late in a step and kept (a compiled kernel, an optimizer state) holds the freed
+    activations below it resident: on the embedded model in bf16 the resident set grew by 100-300
+    MiB of such free pages over a few steps. Returning them costs a page fault when a page is used
+    again, well under 1% of a step. Returns False where this does not apply (not Linux/glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
+    except (OSError, AttributeError):
+        return False
+
+
 MADV_DONTNEED = 4
 
 

@@ -19,7 +19,10 @@ Two ways to turn the model's outputs into log-probs, with the same numbers:
   positions that predict a reply token alone, a chunk at a time, each chunk under activation
   checkpointing. Prompt and padding positions never reach the LM head, and the fp32 logits never
   exist for more than one chunk at once, in the forward or the backward pass. With vocabularies of
-  50k-250k this is most of a small model's activation memory.
+  50k-250k this is most of a small model's activation memory. For a plain bias-free LM head a
+  chunk is one autograd function (`ReplyTokenLogps`) that holds a single [chunk, vocab] buffer,
+  turned into the softmax and then the gradient in place, where cross-entropy's autograd holds
+  the logits, the log-softmax and their two gradients.
 """
 
 from __future__ import annotations
@@ -217,6 +220,53 @@ def head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.
 CHUNK_LOGITS = 2**22
 
 
+class ReplyTokenLogps(torch.autograd.Function):
+    """log p(target | hidden) of a chunk of positions under a bias-free LM head `weight`:
+
+        logits = hidden @ weight^T  (in weight's dtype, as autocast would compute it), then fp32
+        logp   = logits[target] - logsumexp(logits)
+        d logp / d logits = onehot(target) - softmax(logits)
+
+    The same numbers as -cross_entropy(logits), with one [chunk, vocab] fp32 buffer alive at a time:
+    the forward keeps only the logsumexp per position and the backward recomputes the logits and
+    turns them into the softmax and the gradient in place (cross-entropy's autograd keeps the
+    logits and the log-softmax and allocates a gradient for each)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+        logits = F.linear(hidden.to(weight.dtype), weight).float()
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        peak = logits.amax(dim=1, keepdim=True)
+        lse = logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+        ctx.save_for_backward(hidden, targets, weight, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, targets, weight, lse = ctx.saved_tensors
+        h = hidden.to(weight.dtype)
+        grad_logits = F.linear(h, weight).float().sub_(lse[:, None]).exp_()  # the softmax
+        grad_logits.mul_(-grad[:, None])
+        grad_logits.scatter_add_(1, targets[:, None], grad[:, None])
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden = (grad_logits @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ h if ctx.needs_input_grad[2] else None
+        return grad_hidden, None, grad_weight
+
+
+def plain_head_weight(lm_head: torch.nn.Module, device: torch.device) -> Tensor | None:
+    """The weight `ReplyTokenLogps` takes (cast to the autocast dtype once, under autocast), or None
+    for a head it does not cover: a bias, a subclass, a sharded weight (FSDP's DTensor or
+    DeepSpeed's empty placeholder, which the module gathers itself)."""
+    plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None
+    local = type(lm_head.weight) in (torch.Tensor, torch.nn.Parameter) and lm_head.weight.numel() > 0
+    if not (plain and local):
+        return None
+    if torch.is_autocast_enabled(device.type):
+        return lm_head.weight.to(torch.get_autocast_dtype(device.type))
+    return lm_head.weight
+
+
 def chunked_sequence_logps(
     model: torch.nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None
 ) -> SequenceLogps:
@@ -233,12 +283,15 @@ def chunked_sequence_logps(
         _forward(model, batch, logits_to_keep=1)
     targets = reply_targets(batch)
     reply_hidden = caught[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
-    head = head_for_chunks(lm_head, reply_hidden.device)
+    weight = None if softcap else plain_head_weight(lm_head, reply_hidden.device)
+    head = weight if weight is not None else head_for_chunks(lm_head, reply_hidden.device)
 
     pieces = []
     for start in range(0, reply_hidden.shape[0], chunk_size):
         h, t = reply_hidden[start : start + chunk_size], targets.targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if weight is not None:
+            pieces.append(ReplyTokenLogps.apply(h, t, weight))
+        elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
             pieces.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))
         else:

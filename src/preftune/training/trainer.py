@@ -20,6 +20,7 @@ from transformers import Trainer
 
 from preftune.config import PreferenceArguments
 from preftune.losses import preference_loss
+from preftune.memory import release_free_heap
 from preftune.models.prepare import POLICY_ADAPTER, REFERENCE_ADAPTER
 from preftune.training import pair_attention, reference_cache
 from preftune.training.batching import REF_KEYS
@@ -79,6 +80,8 @@ class PreferenceTrainer(Trainer):
             yield
 
     def training_step(self, *args, **kwargs) -> Tensor:
+        if self.args.device.type == "cpu":
+            release_free_heap()  # the last step's freed activations (preftune.memory)
         with self._pair_attention():
             return super().training_step(*args, **kwargs)
 
