@@ -79,9 +79,15 @@ class PreferenceTrainer(Trainer):
                 stack.enter_context(pair_attention.enabled(config))
             yield
 
-    def training_step(self, *args, **kwargs) -> Tensor:
+    def _release_cpu_heap(self) -> None:
+        """On a CPU, hand the heap's free pages back (preftune.memory.release_free_heap): at the
+        start of a step, after the reference pass and before the backward pass, so the blocks a
+        phase freed do not stay resident through the next one."""
         if self.args.device.type == "cpu":
-            release_free_heap()  # the last step's freed activations (preftune.memory)
+            release_free_heap()
+
+    def training_step(self, *args, **kwargs) -> Tensor:
+        self._release_cpu_heap()
         with self._pair_attention():
             return super().training_step(*args, **kwargs)
 
@@ -196,6 +202,8 @@ class PreferenceTrainer(Trainer):
 
     def _pair_loss(self, model: torch.nn.Module, batch: dict[str, Tensor], split: str) -> Tensor:
         ref_chosen, ref_rejected = self.reference_logps(model, batch)
+        if split == "train":
+            self._release_cpu_heap()
         policy = self._sequence_logps(model, batch)
         policy_chosen, policy_rejected = self._split_pairs(policy)
         out = preference_loss(
@@ -233,6 +241,7 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self._pair_loss(model, inputs, "train")
+        self._release_cpu_heap()
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
