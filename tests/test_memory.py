@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from preftune.memory import configure_cpu_malloc, release_file_pages
+from preftune.memory import configure_cpu_malloc, file_mappings, release_file_pages
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc / Linux only")
 
@@ -110,6 +110,9 @@ def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
     assert base.lm_head.weight.dtype == torch.bfloat16 and not base.lm_head.weight.requires_grad
     assert torch.equal(base.lm_head.weight, embedding.to(torch.bfloat16))  # what autocast computes with
     assert base.get_input_embeddings().weight.dtype == torch.float32  # untied: lookups stay exact
+    # ... and still read from the mapped file: only the rows lookups touch become resident
+    pointer = base.get_input_embeddings().weight.data_ptr()
+    assert any(start <= pointer < end for start, end in file_mappings())
     state = base.state_dict()
     for name, value in original.items():
         if name.endswith("proj.weight"):

@@ -245,7 +245,8 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     stored in `dtype` too: under autocast its matmul would cast the whole [vocab, hidden] weight
     at every call, a transient copy of it twice a step. A head tied to the input embedding is
     untied for this: the embedding keeps its dtype (its lookups are not autocast, so the numbers
-    stay autocast's), the head gets its own `dtype` copy."""
+    stay autocast's), the head gets its own `dtype` copy, and the embedding stays a view of the
+    mapped checkpoint file (when it was loaded as one), resident only in the rows lookups read."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
     # Weights loaded from safetensors can be views of the memory-mapped file: after each cast the
@@ -267,23 +268,30 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
         release_file_pages(old, mappings)
         count += 1
     head_weight = getattr(lm_head, "weight", None)
+    embedding_weight = getattr(causal_lm.get_input_embeddings(), "weight", None)
     if (
         type(lm_head) is torch.nn.Linear
         and not head_weight.requires_grad
         and head_weight.dtype != dtype
         and type(head_weight) in (torch.Tensor, torch.nn.Parameter)
     ):
-        embedding = causal_lm.get_input_embeddings()
-        if embedding is not None and getattr(embedding, "weight", None) is head_weight:  # tied
+        if embedding_weight is head_weight:  # tied
             lm_head.weight = torch.nn.Parameter(head_weight.detach().to(dtype), requires_grad=False)
+            release_file_pages([head_weight.data], mappings)  # now the embedding's alone
         else:
             old = unshared([head_weight.data])
             lm_head.to(dtype)
             release_file_pages(old, mappings)
         count += 1
-    # own the frozen weights left in their dtype, so the mapping can go
+    # Own the frozen weights left in their dtype (norms), so the file pages go. Not the input
+    # embedding once the LM head has its own copy: a lookup reads only the rows of a batch's
+    # tokens, so as a view of the mapped file only those rows' pages become resident (most of a
+    # 49k-token table never is), where a copy would hold all of it.
+    embedding_alone = getattr(lm_head, "weight", None) is not embedding_weight
     with torch.no_grad():
         for param in causal_lm.parameters():
+            if param is embedding_weight and embedding_alone:
+                continue
             if param.dtype != dtype and not param.requires_grad:
                 old = unshared([param.data])
                 param.data = param.data.clone()
