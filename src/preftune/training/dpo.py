@@ -91,9 +91,9 @@ def prepare_policy_and_reference(
     With --bf16 and a LoRA on a plain (not quantized, --torch_dtype auto) base, the frozen weights
     of the base's linear layers are stored in bfloat16: bf16 autocast casts them to bf16 for every
     matmul anyway, so the numbers stay the same while their memory halves and the per-matmul cast
-    goes. The LM head too (untied from the input embedding if tied). Embeddings, norms and the LoRA
-    weights keep their dtype. (Not under FSDP or
-    DeepSpeed, which cast and shard the weights themselves.) The LoRA layers take the lean forward
+    goes. The LM head too (untied from the input embedding if tied). The input embedding, norms
+    and LoRA weights keep their dtype. (Not under FSDP or DeepSpeed, which cast and shard the
+    weights themselves.) The LoRA layers take the lean forward
     of preftune.training.lora_forward (--fused_lora).
     """
     prepared = prepare_models(model_args, gradient_checkpointing=training_args.gradient_checkpointing)

@@ -205,15 +205,25 @@ def _chunk_token_logps(
     return -F.cross_entropy(chunk_logits(hidden, head, softcap), targets, reduction="none")
 
 
-def head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.Module | Tensor:
-    """Under autocast, a plain bias-free head's weight cast once for all chunks (autocast would
-    cast the whole [vocab, hidden] matrix again for every chunk); else the head itself."""
+def plain_head_weight(lm_head: torch.nn.Module, device: torch.device) -> Tensor | None:
+    """A plain head's weight for the chunks and `ReplyTokenLogps` (cast to the autocast dtype once,
+    under autocast), or None for a head the module must run: a bias, a subclass, a sharded weight
+    (FSDP's DTensor or DeepSpeed's empty placeholder, which the module gathers itself)."""
     plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None
-    # (a sharded weight, FSDP's DTensor or DeepSpeed's empty placeholder, is gathered by the module)
     local = type(lm_head.weight) in (torch.Tensor, torch.nn.Parameter) and lm_head.weight.numel() > 0
-    if not (plain and local and torch.is_autocast_enabled(device.type)):
-        return lm_head
-    return lm_head.weight.to(torch.get_autocast_dtype(device.type))
+    if not (plain and local):
+        return None
+    if torch.is_autocast_enabled(device.type):
+        return lm_head.weight.to(torch.get_autocast_dtype(device.type))
+    return lm_head.weight
+
+
+def head_for_chunks(lm_head: torch.nn.Module, device: torch.device) -> torch.nn.Module | Tensor:
+    """The LM head's weight when it is a plain bias-free local one (`plain_head_weight`: cast once
+    for all chunks under autocast, which would cast the whole [vocab, hidden] matrix again for every
+    chunk), else the head module itself."""
+    weight = plain_head_weight(lm_head, device)
+    return lm_head if weight is None else weight
 
 
 # fp32 logits per chunk: 2**22 floats (16 MiB), e.g. 85 tokens of a 49k vocabulary, 16 of a 256k one
@@ -254,19 +264,6 @@ class ReplyTokenLogps(torch.autograd.Function):
         return grad_hidden, None, grad_weight
 
 
-def plain_head_weight(lm_head: torch.nn.Module, device: torch.device) -> Tensor | None:
-    """The weight `ReplyTokenLogps` takes (cast to the autocast dtype once, under autocast), or None
-    for a head it does not cover: a bias, a subclass, a sharded weight (FSDP's DTensor or
-    DeepSpeed's empty placeholder, which the module gathers itself)."""
-    plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None
-    local = type(lm_head.weight) in (torch.Tensor, torch.nn.Parameter) and lm_head.weight.numel() > 0
-    if not (plain and local):
-        return None
-    if torch.is_autocast_enabled(device.type):
-        return lm_head.weight.to(torch.get_autocast_dtype(device.type))
-    return lm_head.weight
-
-
 def chunked_sequence_logps(
     model: torch.nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None
 ) -> SequenceLogps:
@@ -283,14 +280,14 @@ def chunked_sequence_logps(
         _forward(model, batch, logits_to_keep=1)
     targets = reply_targets(batch)
     reply_hidden = caught[-1].flatten(0, 1)[targets.index]  # [n_reply_tokens, hidden]
-    weight = None if softcap else plain_head_weight(lm_head, reply_hidden.device)
-    head = weight if weight is not None else head_for_chunks(lm_head, reply_hidden.device)
+    head = head_for_chunks(lm_head, reply_hidden.device)
+    fused = isinstance(head, Tensor) and not softcap
 
     pieces = []
     for start in range(0, reply_hidden.shape[0], chunk_size):
         h, t = reply_hidden[start : start + chunk_size], targets.targets[start : start + chunk_size]
-        if weight is not None:
-            pieces.append(ReplyTokenLogps.apply(h, t, weight))
+        if fused:
+            pieces.append(ReplyTokenLogps.apply(h, t, head))
         elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
             pieces.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))
