@@ -41,6 +41,7 @@ mapping and goes back to the system when freed; the lowest resident set, paid fo
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -60,6 +61,12 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # tcache off: activations of rows up to ~14k 
 TCACHE_ON_MMAP_THRESHOLD = 2 * 1024 * 1024  # tcache on: a bigger threshold fragments more
 LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
 TRIM_THRESHOLD = 64 * 1024 * 1024  # free memory at the heap's top kept for the next step
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (OSError where there is no glibc)."""
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 KERNEL_CACHE_CAPACITY = 64
@@ -103,7 +110,7 @@ def configure_cpu_malloc(low_memory: bool = False) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
@@ -139,7 +146,7 @@ def release_free_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
+        return bool(_libc().malloc_trim(0) >= 0)
     except (OSError, AttributeError):
         return False
 
@@ -173,7 +180,7 @@ def release_file_pages(tensors: list, mappings: list[tuple[int, int]] | None = N
     many calls (casting maps no new files). Returns the bytes released (0 outside Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc = _libc()
     page = os.sysconf("SC_PAGE_SIZE")
     spans = file_mappings() if mappings is None else mappings
     released = 0
