@@ -28,7 +28,8 @@ fragmentation costs least.
 Compiled kernel caches. On a CPU, PyTorch runs bf16 matmuls through oneDNN, which compiles a
 kernel ("primitive") for each new matmul shape and keeps up to 1024 of them (0.3-0.8 MiB each).
 Shared-prompt rows change the token count from step to step, so a DPO step of the embedded model
-added about 40 new ones: 28 MiB more every step, for hundreds of steps. `limit_kernel_caches` caps
+added about 40 new ones: 28 MiB more every step until the cache was full (some 25 steps and
+several hundred MiB later; a microbenchmark filled it at about 0.7 GiB). `limit_kernel_caches` caps
 oneDNN's cache (and ideep's, above it) at KERNEL_CACHE_CAPACITY, which holds one step's set, so
 the kernels of a step are reused through its layers, its recomputation and its backward; a new
 kernel costs under a millisecond to build. (The CPU flash attention keeps its kernels without any
