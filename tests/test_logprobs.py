@@ -101,6 +101,18 @@ def test_chunked_under_bf16_autocast_matches_plain():
     torch.testing.assert_close(chunked_grad, plain_grad, rtol=2e-2, atol=2e-2)
 
 
+def test_chunked_path_runs_the_lm_head_on_no_position():
+    """The model's own head call gets no position (the head runs on reply tokens in chunks only):
+    `logits_to_keep=1` would cost a bf16 copy of the whole head weight per row on a CPU."""
+    model = make_tiny_llama(VOCAB)
+    _, batch = batch_of_pairs(seed=6)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(tuple(args[0].shape)))
+    chunked_sequence_logps(model, batch, chunk_size=4).logps.sum().backward()
+    assert seen and all(shape[1] == 0 for shape in seen), seen
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_chunked_works_through_peft():
     from peft import LoraConfig, get_peft_model
 

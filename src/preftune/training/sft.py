@@ -31,6 +31,7 @@ from preftune.training.logprobs import (
     catch_decoder_output,
     chunk_logits,
     head_for_chunks,
+    no_logits,
     supports_chunked_logps,
     unwrap_causal_lm,
 )
@@ -90,7 +91,7 @@ def token_stats(
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
     with catch_decoder_output(model) as caught:
-        model(**inputs, logits_to_keep=1)
+        model(**inputs, logits_to_keep=no_logits(input_ids.device))
     hidden = caught[-1][:, :-1][predict]  # [n_targets, hidden]
     head = head_for_chunks(lm_head, hidden.device)
     nll = hidden.new_zeros((), dtype=torch.float32)
