@@ -459,3 +459,11 @@ def test_reply_token_logps_function_matches_cross_entropy():
         hidden.grad = weight.grad = None
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_chunk_size_is_smaller_on_cpu():
+    from preftune.training.logprobs import default_chunk_size
+
+    assert default_chunk_size(49152, torch.device("cpu")) == 21  # 2**20 fp32 logits
+    assert default_chunk_size(49152, torch.device("cuda")) == 85  # 2**22
+    assert default_chunk_size(256_000, torch.device("cpu")) == 16  # never below 16 tokens

@@ -27,9 +27,9 @@ from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
 from preftune.training import common, distributed
 from preftune.training.logprobs import (
-    CHUNK_LOGITS,
     catch_decoder_output,
     chunk_logits,
+    default_chunk_size,
     head_for_chunks,
     no_logits,
     supports_chunked_logps,
@@ -89,11 +89,11 @@ def token_stats(
     causal_lm = unwrap_causal_lm(model)
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    chunk_size = chunk_size or max(16, CHUNK_LOGITS // lm_head.weight.shape[0])
     with catch_decoder_output(model) as caught:
         model(**inputs, logits_to_keep=no_logits(input_ids.device))
     hidden = caught[-1][:, :-1][predict]  # [n_targets, hidden]
     head = head_for_chunks(lm_head, hidden.device)
+    chunk_size = chunk_size or default_chunk_size(lm_head.weight.shape[0], hidden.device)
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
