@@ -430,6 +430,8 @@ def test_attention_lengths_are_bucketed_on_cpu_in_bf16_only():
     assert pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.bfloat16))
     assert pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.float16))
     assert not pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 queries (rotary in fp32), bf16 SDPA
+        assert pair_attention._bucketed_lengths(torch.zeros(1, dtype=torch.float32))
     q = torch.randn(1, 2, 10, 8, dtype=torch.bfloat16)
     out = pair_attention.attend(q, q, q, None, 0.0, None)
     expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)

@@ -12,7 +12,7 @@ So a pair costs about (P + C)^2 / 2 + J * (P + J) scores instead of (row length)
 longer grows with how many pairs share a row, and rows can be packed full (no padding). The numbers
 are the masked path's: the same scores, softmax and weighted sums, only the masked terms left out.
 
-On a CPU in bf16/fp16, every block is padded to a length that is a multiple of LENGTH_BUCKET (see
+On a CPU in bf16/fp16 (autocast included), every block is padded to a multiple of LENGTH_BUCKET (see
 `attend`): torch's CPU flash attention compiles a kernel for each new sequence length in those
 dtypes and keeps all of them for the life of the process, so without this a run's memory grew with
 every new pair length (to over 1 GiB in a few hundred steps). Padding is exact: padded keys are
@@ -121,8 +121,14 @@ def _masked_block(qs, ks, vs, shared: int, reply: int, n_prompt: int, dropout: f
 
 
 def _bucketed_lengths(query: Tensor) -> bool:
-    """Whether torch's SDPA would compile a kernel per sequence length (CPU, bf16/fp16)."""
-    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    """Whether torch's SDPA would compile a kernel per sequence length: on a CPU in bf16/fp16, which
+    is also the case for fp32 inputs under a bf16/fp16 autocast (SDPA is on autocast's list, and
+    rotary embeddings in fp32 hand the attention fp32 queries and keys)."""
+    if query.device.type != "cpu":
+        return False
+    low_precision = (torch.bfloat16, torch.float16)
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low_precision
+    return query.dtype in low_precision or autocast
 
 
 def _pad_tokens(t: Tensor, length: int) -> Tensor:
