@@ -32,7 +32,9 @@ added about 40 new ones: 28 MiB more every step until the cache was full (some 2
 several hundred MiB later; a microbenchmark filled it at about 0.7 GiB). `limit_kernel_caches` caps
 oneDNN's cache (and ideep's, above it) at KERNEL_CACHE_CAPACITY, which holds one step's set, so
 the kernels of a step are reused through its layers, its recomputation and its backward; a new
-kernel costs under a millisecond to build. (The CPU flash attention keeps its kernels without any
+kernel costs a few milliseconds to build (ONEDNN_VERBOSE: 2-8 ms on the embedded model's shapes),
+so a cap below a step's set rebuilds them all through the step (32: 5 -> 8 s a step). (The CPU
+flash attention keeps its kernels without any
 limit: preftune.training.pair_attention pads its blocks to a few lengths instead.)
 
 `--low_cpu_memory` keeps glibc's starting threshold (128 KiB): almost every tensor gets its own
