@@ -34,8 +34,8 @@ oneDNN's cache (and ideep's, above it) at KERNEL_CACHE_CAPACITY, which holds one
 the kernels of a step are reused through its layers, its recomputation and its backward; a new
 kernel costs a few milliseconds to build (ONEDNN_VERBOSE: 2-8 ms on the embedded model's shapes),
 so a cap below a step's set rebuilds them all through the step (32: 5 -> 8 s a step). (The CPU
-flash attention keeps its kernels without any
-limit: preftune.training.pair_attention pads its blocks to a few lengths instead.)
+flash attention keeps its kernels without any limit: preftune.training.pair_attention pads its
+blocks to a few lengths instead.)
 
 `--low_cpu_memory` keeps glibc's starting threshold (128 KiB): almost every tensor gets its own
 mapping and goes back to the system when freed; the lowest resident set, paid for in page faults.
