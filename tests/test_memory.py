@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from preftune.memory import configure_cpu_malloc, file_mappings, release_file_pages
+from preftune.models.embedding import SeenRowsEmbedding
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc / Linux only")
 
@@ -110,9 +111,12 @@ def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
     assert base.lm_head.weight.dtype == torch.bfloat16 and not base.lm_head.weight.requires_grad
     assert torch.equal(base.lm_head.weight, embedding.to(torch.bfloat16))  # what autocast computes with
     assert base.get_input_embeddings().weight.dtype == torch.float32  # untied: lookups stay exact
-    # ... and still read from the mapped file: only the rows lookups touch become resident
+    # ... and still read from the mapped file, keeping only copies of the rows lookups read
+    assert isinstance(base.get_input_embeddings(), SeenRowsEmbedding)
     pointer = base.get_input_embeddings().weight.data_ptr()
     assert any(start <= pointer < end for start, end in file_mappings())
+    ids = torch.tensor([[3, 5, 3, 60]])
+    assert torch.equal(base.get_input_embeddings()(ids), embedding[ids])
     state = base.state_dict()
     for name, value in original.items():
         if name.endswith("proj.weight"):
@@ -125,6 +129,56 @@ def test_frozen_linear_weights_in_bf16_keep_their_values(tmp_path):
     for name, param in model.named_parameters():
         if "lora_" in name:
             assert param.dtype == torch.float32 and torch.equal(param.detach(), lora[name])
+
+
+def _resident_kib_of_mapping_at(pointer: int) -> int:
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= pointer < end
+            elif inside and fields[0] == "Rss:":
+                return int(fields[1])
+    raise AssertionError("no mapping holds the pointer")
+
+
+def test_seen_rows_embedding_looks_up_the_same_rows():
+    """Lookups equal nn.Embedding's bit for bit, through the table's growth, repeats and a cast;
+    each distinct token's row is copied once."""
+    torch.manual_seed(0)
+    source = torch.nn.Embedding(5000, 8)
+    source.weight.requires_grad_(False)
+    embedding = SeenRowsEmbedding(source)
+    assert embedding.weight.data_ptr() == source.weight.data_ptr()  # the same weight, no copy
+    seen = set()
+    for length in (7, 700, 3000, 3000):
+        ids = torch.randint(0, 5000, (2, length))
+        assert torch.equal(embedding(ids), source(ids))
+        seen |= set(ids.flatten().tolist())
+        assert embedding._count == len(seen)
+    embedding.double()
+    ids = torch.randint(0, 5000, (3, 11))
+    assert torch.equal(embedding(ids), source.weight.double()[ids])
+    assert embedding._count == len(set(ids.flatten().tolist()))  # the cast started a new table
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_seen_rows_embedding_leaves_no_file_pages_mapped(tmp_path):
+    """On a weight that is a view of a mapped file, the pages a lookup reads are unmapped again:
+    the file adds nothing to the resident set, the copied rows are all a lookup keeps."""
+    rows = np.random.default_rng(0).standard_normal((4096, 256), dtype=np.float32)  # 4 MiB
+    rows.tofile(tmp_path / "table.bin")
+    mapped = np.memmap(tmp_path / "table.bin", dtype=np.float32, mode="c", shape=rows.shape)
+    source = torch.nn.Embedding.from_pretrained(torch.from_numpy(mapped), freeze=True)
+    pointer = source.weight.data_ptr()
+    embedding = SeenRowsEmbedding(source)
+    assert _resident_kib_of_mapping_at(pointer) == 0
+    ids = torch.tensor([[0, 1000, 2000, 3000, 4095]])
+    assert torch.equal(embedding(ids), torch.from_numpy(rows)[ids])
+    assert _resident_kib_of_mapping_at(pointer) == 0
+    assert source(ids).shape == (1, 5, 256) and _resident_kib_of_mapping_at(pointer) > 0  # nn.Embedding
 
 
 CACHE_ENV = (

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from preftune.config import ModelArguments
 from preftune.memory import file_mappings, release_file_pages
 from preftune.models.embedded import embedded_model_path
+from preftune.models.embedding import keep_seen_rows_only
 from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
 
 logger = logging.getLogger("preftune")
@@ -246,7 +247,8 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     at every call, a transient copy of it twice a step. A head tied to the input embedding is
     untied for this: the embedding keeps its dtype (its lookups are not autocast, so the numbers
     stay autocast's), the head gets its own `dtype` copy, and the embedding stays a view of the
-    mapped checkpoint file (when it was loaded as one), resident only in the rows lookups read."""
+    mapped checkpoint file (when it was loaded as one), and lookups keep a copy of the rows they
+    read, no more (preftune.models.embedding)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
     # Weights loaded from safetensors can be views of the memory-mapped file: after each cast the
@@ -285,8 +287,8 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
         count += 1
     # Own the frozen weights left in their dtype (norms), so the file pages go. Not the input
     # embedding once the LM head has its own copy: a lookup reads only the rows of a batch's
-    # tokens, so as a view of the mapped file only those rows' pages become resident (most of a
-    # 49k-token table never is), where a copy would hold all of it.
+    # tokens, so it stays a view of the mapped file and keeps copies of the rows it reads (most
+    # of a 49k-token table never is), where a copy would hold all of it.
     embedding_alone = getattr(lm_head, "weight", None) is not embedding_weight
     with torch.no_grad():
         for param in causal_lm.parameters():
@@ -296,7 +298,14 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
                 old = unshared([param.data])
                 param.data = param.data.clone()
                 release_file_pages(old, mappings)
+    if embedding_alone and _in_mappings(embedding_weight, mappings):
+        keep_seen_rows_only(causal_lm)  # a lookup maps whole page-cache folios: keep the rows only
     return count
+
+
+def _in_mappings(tensor: torch.Tensor | None, mappings: list[tuple[int, int]]) -> bool:
+    pointer = None if tensor is None else tensor.data_ptr()
+    return pointer is not None and any(start <= pointer < end for start, end in mappings)
 
 
 def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:
