@@ -193,16 +193,16 @@ CACHE_ENV = (
 def test_the_kernel_caches_are_capped_unless_the_user_sets_them(users):
     """oneDNN's compiled-kernel caches are capped (in the restarted process too); a user's own
     setting is kept."""
-    from preftune.memory import KERNEL_CACHE_CAPACITY, KERNEL_CACHE_VARIABLES
+    from preftune.memory import KERNEL_CACHE_CAPACITIES
 
-    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_CAPACITIES}
     if users:
-        env.update({name: users for name in KERNEL_CACHE_VARIABLES})
+        env.update({name: users for name in KERNEL_CACHE_CAPACITIES})
     out = subprocess.run(
         [sys.executable, "-c", CACHE_ENV], env=env, capture_output=True, text=True, check=True
     )
-    expected = users or str(KERNEL_CACHE_CAPACITY)
-    assert out.stdout.split() == [expected, expected]
+    expected = [users, users] if users else ["64", "16"]
+    assert out.stdout.split() == expected
 
 
 @linux_only

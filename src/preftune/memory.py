@@ -30,12 +30,16 @@ kernel ("primitive") for each new matmul shape and keeps up to 1024 of them (0.3
 Shared-prompt rows change the token count from step to step, so a DPO step of the embedded model
 added about 40 new ones: 28 MiB more every step until the cache was full (some 25 steps and
 several hundred MiB later; a microbenchmark filled it at about 0.7 GiB). `limit_kernel_caches` caps
-oneDNN's cache (and ideep's, above it) at KERNEL_CACHE_CAPACITY, which holds one step's set, so
-the kernels of a step are reused through its layers, its recomputation and its backward; a new
-kernel costs a few milliseconds to build (ONEDNN_VERBOSE: 2-8 ms on the embedded model's shapes),
-so a cap below a step's set rebuilds them all through the step (32: 5 -> 8 s a step). (The CPU
-flash attention keeps its kernels without any limit: preftune.training.pair_attention pads its
-blocks to a few lengths instead.)
+oneDNN's cache at 64 kernels, which holds one step's set, so the kernels of a step are reused
+through its layers, its recomputation and its backward; a new kernel costs a few milliseconds to
+build (ONEDNN_VERBOSE: 2-8 ms on the embedded model's shapes), so a cap below a step's set
+rebuilds them all through the step (32: 5 -> 8 s a step). Above it, ideep (PyTorch's oneDNN
+wrapper) keeps its own cache of the matmul "primitive descriptors" it looks kernels up with
+(LRU_CACHE_CAPACITY): 258 KiB each (heaptrack), rebuilt in a few microseconds (a loop of two
+alternating tiny bf16 matmuls: 35-44 us a call with a cache of 1, as with 1024). A step cycles
+through some 40 shapes, so any cache smaller than that misses anyway: it is capped at 16, enough
+for the dozen shapes that repeat in token-by-token generation. (The CPU flash attention keeps its
+kernels without any limit: preftune.training.pair_attention pads its blocks to a few lengths.)
 
 `--low_cpu_memory` keeps glibc's starting threshold (128 KiB): almost every tensor gets its own
 mapping and goes back to the system when freed; the lowest resident set, paid for in page faults.
@@ -72,15 +76,15 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
-KERNEL_CACHE_CAPACITY = 64
-KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# environment variable -> capacity: oneDNN's compiled kernels, ideep's primitive descriptors
+KERNEL_CACHE_CAPACITIES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 64, "LRU_CACHE_CAPACITY": 16}
 
 
 def limit_kernel_caches() -> None:
     """Cap oneDNN's compiled-kernel caches (see the module docstring), unless the environment
     already sets them. Takes effect if called before the first bf16 matmul of the process."""
-    for name in KERNEL_CACHE_VARIABLES:
-        os.environ.setdefault(name, str(KERNEL_CACHE_CAPACITY))
+    for name, capacity in KERNEL_CACHE_CAPACITIES.items():
+        os.environ.setdefault(name, str(capacity))
 
 
 def tcache_is_off() -> bool:
