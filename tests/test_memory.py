@@ -185,23 +185,24 @@ CACHE_ENV = (
     "import os\n"
     "from preftune.memory import restart_with_malloc_tunables\n"
     "restart_with_malloc_tunables()\n"
-    "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'), os.environ.get('LRU_CACHE_CAPACITY'))\n"
+    "from preftune.memory import CPU_LIBRARY_ENV\n"
+    "print(*(os.environ.get(name) for name in CPU_LIBRARY_ENV))\n"
 )
 
 
 @pytest.mark.parametrize("users", [None, "7"], ids=["default", "users-own"])
 def test_the_kernel_caches_are_capped_unless_the_user_sets_them(users):
-    """oneDNN's compiled-kernel caches are capped (in the restarted process too); a user's own
-    setting is kept."""
-    from preftune.memory import KERNEL_CACHE_CAPACITIES
+    """oneDNN's compiled-kernel caches are capped and MKL's buffer cache is off (in the restarted
+    process too); a user's own setting is kept."""
+    from preftune.memory import CPU_LIBRARY_ENV
 
-    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_CAPACITIES}
+    env = {k: v for k, v in os.environ.items() if k not in CPU_LIBRARY_ENV}
     if users:
-        env.update({name: users for name in KERNEL_CACHE_CAPACITIES})
+        env.update({name: users for name in CPU_LIBRARY_ENV})
     out = subprocess.run(
         [sys.executable, "-c", CACHE_ENV], env=env, capture_output=True, text=True, check=True
     )
-    expected = [users, users] if users else ["64", "16"]
+    expected = [users] * 3 if users else ["64", "16", "1"]
     assert out.stdout.split() == expected
 
 
