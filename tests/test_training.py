@@ -456,3 +456,32 @@ def test_bf16_lora_runs_store_the_frozen_linear_weights_in_bf16(tiny_model_dir, 
     others = {n: p.dtype for n, p in params.items() if n not in frozen_linear and not p.requires_grad}
     assert others and set(others.values()) == {torch.float32}  # embeddings, norms
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_cpu_training_steps_release_the_heap_between_layers(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """On a CPU a training step also hands the heap's free pages back after the hooked decoder
+    layers in each forward pass and before them in the backward pass; no number changes, and the
+    hooks are gone after the step (generation does not pay for them)."""
+    from preftune.training import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_free_heap", lambda: calls.append(1) or True)
+    counts, losses = {}, {}
+    for every in (1, 1000):  # every layer; none of the tiny model's
+        monkeypatch.setattr(trainer_module, "HEAP_RELEASE_EVERY_LAYERS", every)
+        calls.clear()
+        args = dpo_args(
+            tiny_model_dir, data_file, tmp_path / f"every-{every}",
+            "--use_peft_lora", "--max_steps", "2", "--gradient_checkpointing", "true",
+        )  # fmt: skip
+        _, trainer, _ = run_capturing(args)
+        counts[every] = len(calls)
+        losses[every] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    layers = trainer.model.get_base_model().config.num_hidden_layers
+    # per step and layer: the reference forward, the policy forward, the backward
+    assert counts[1] - counts[1000] == 2 * 3 * layers
+    assert losses[1] == losses[1000] and len(losses[1]) == 2
+    calls.clear()
+    with torch.no_grad():
+        trainer.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert calls == []

