@@ -185,6 +185,14 @@ def file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+def in_mapped_file(tensor, mappings: list[tuple[int, int]] | None = None) -> bool:
+    """Whether all of `tensor`'s memory lies in one of `mappings` (default: `file_mappings()`)."""
+    spans = file_mappings() if mappings is None else mappings
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    return any(start <= begin and end <= stop for start, stop in spans)
+
+
 def release_file_pages(tensors: list, mappings: list[tuple[int, int]] | None = None) -> int:
     """Take the pages of weights read from a memory-mapped file out of the resident set.
 
@@ -202,10 +210,10 @@ def release_file_pages(tensors: list, mappings: list[tuple[int, int]] | None = N
     spans = file_mappings() if mappings is None else mappings
     released = 0
     for tensor in tensors:
+        if not in_mapped_file(tensor, spans):
+            continue
         begin = tensor.data_ptr()
         end = begin + tensor.numel() * tensor.element_size()
-        if not any(start <= begin and end <= stop for start, stop in spans):
-            continue
         first, last = -(-begin // page) * page, end // page * page
         if (
             last > first

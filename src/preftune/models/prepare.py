@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from preftune.config import ModelArguments
-from preftune.memory import file_mappings, release_file_pages
+from preftune.memory import file_mappings, in_mapped_file, release_file_pages
 from preftune.models.embedded import embedded_model_path
 from preftune.models.embedding import keep_seen_rows_only
 from preftune.models.quantization import bnb_config, keep_4bit_trainable_after_no_grad
@@ -298,14 +298,9 @@ def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
                 old = unshared([param.data])
                 param.data = param.data.clone()
                 release_file_pages(old, mappings)
-    if embedding_alone and _in_mappings(embedding_weight, mappings):
+    if embedding_alone and embedding_weight is not None and in_mapped_file(embedding_weight, mappings):
         keep_seen_rows_only(causal_lm)  # a lookup maps whole page-cache folios: keep the rows only
     return count
-
-
-def _in_mappings(tensor: torch.Tensor | None, mappings: list[tuple[int, int]]) -> bool:
-    pointer = None if tensor is None else tensor.data_ptr()
-    return pointer is not None and any(start <= pointer < end for start, end in mappings)
 
 
 def freeze_adapter(model: torch.nn.Module, adapter_name: str) -> None:
