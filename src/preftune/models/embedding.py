@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.memory import release_file_pages
+from preftune.memory import file_mappings, in_mapped_file, release_file_pages
 
 MIN_CAPACITY = 1024  # rows; the table doubles when full
 
@@ -34,6 +34,8 @@ class SeenRowsEmbedding(torch.nn.Embedding):
             _weight=source.weight.detach(),
             _freeze=True,
         )
+        # the mapped file the weight lies in, read once (not parsed again at every new row)
+        self._mapping = [span for span in file_mappings() if in_mapped_file(self.weight, [span])]
         self._reset_rows()
 
     def _reset_rows(self) -> None:
@@ -46,7 +48,7 @@ class SeenRowsEmbedding(torch.nn.Embedding):
     def _read_rows(self, token_ids: torch.Tensor) -> None:
         """Copy the rows of `token_ids` (distinct, not seen yet) from `weight` into `_rows`."""
         new = self.weight.detach()[token_ids]
-        release_file_pages([self.weight.detach()])  # the copy's reads mapped file pages: unmap them
+        release_file_pages([self.weight.detach()], self._mapping)  # unmap what the copy read
         needed = self._count + len(token_ids)
         if needed > len(self._rows):
             capacity = max(MIN_CAPACITY, 2 * len(self._rows), needed)
