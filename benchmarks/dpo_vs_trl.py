@@ -36,6 +36,12 @@ Model FLOP/s (stated convention, attention scores left out):
 It is compared with this machine's measured matmul peak (a square matmul probe, fp32 and bf16, run in
 this process before the workers).
 
+Memory: peak RSS is the process's ru_maxrss (the goal's figure); a 20 ms sampler gives the peak
+during training alone. "RSS after imports" is each worker's RSS once its libraries are imported
+(torch, transformers' Trainer, peft, datasets, bitsandbytes when installed, and trl or preftune),
+before any model or data: some 0.5 GiB on a CPU that neither tool can shed, so "above the imports"
+(peak RSS minus it) is what the training itself holds.
+
 The last line printed is one JSON object (speedup, peak_rss_ratio and every figure above).
 """
 
@@ -502,6 +508,7 @@ def build_preftune_trainer(args: argparse.Namespace):
     from preftune.training.common import configure_training_args
     from preftune.training.dpo import build_trainer, prepare_policy_and_reference, tokenized_splits
 
+    import_rss = _rss()  # the Python libraries alone, before any model or data
     out_dir = tempfile.mkdtemp(prefix="bench-preftune-")
     flags = [
         "--model_name_or_path", args.model_dir,
@@ -534,7 +541,12 @@ def build_preftune_trainer(args: argparse.Namespace):
     set_seed(training_args.seed)
     t0 = time.perf_counter()
     prepared = prepare_policy_and_reference(model_args, pref_args, training_args)
-    info = {"load_s": time.perf_counter() - t0, "load_rss": _rss(), "out_dir": out_dir}
+    info = {
+        "load_s": time.perf_counter() - t0,
+        "load_rss": _rss(),
+        "import_rss": import_rss,
+        "out_dir": out_dir,
+    }
     apply_template(prepared.tokenizer, data_args.chat_template_format)
     train, _ = tokenized_splits(data_args, prepared.tokenizer, training_args.seed)
     configure_training_args(training_args, model_args, has_eval=False)
@@ -555,6 +567,7 @@ def _worker_preftune(args: argparse.Namespace, baton: Baton) -> dict:
     return _train_and_measure(
         trainer,
         "loss_mask",
+        info["import_rss"],
         info["load_rss"],
         info["load_s"],
         info["setup_s"],
@@ -574,6 +587,7 @@ def _worker_trl(args: argparse.Namespace, baton: Baton) -> dict:
 
     from preftune.data import load_preference_splits
 
+    import_rss = _rss()  # the Python libraries alone, before any model or data
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     # TRL's conversational format: prompt messages, chosen/rejected as one assistant message each
     examples = load_preference_splits(args.data_file, splits=["train"]).splits["train"]
@@ -633,6 +647,7 @@ def _worker_trl(args: argparse.Namespace, baton: Baton) -> dict:
     return _train_and_measure(
         trainer,
         "completion_mask",
+        import_rss,
         load_rss,
         load_s,
         setup_s,
@@ -644,7 +659,7 @@ def _worker_trl(args: argparse.Namespace, baton: Baton) -> dict:
 
 
 def _train_and_measure(
-    trainer, reply_key, load_rss, load_s, setup_s, precompute_s, n_train, out_dir, baton: Baton
+    trainer, reply_key, import_rss, load_rss, load_s, setup_s, precompute_s, n_train, out_dir, baton: Baton
 ) -> dict:
     import torch
 
@@ -672,6 +687,7 @@ def _train_and_measure(
         "logps_chosen_first_batch": first_log.get("logps/chosen"),
         "logps_rejected_first_batch": first_log.get("logps/rejected"),
         "loss_first_batch": first_log.get("loss"),
+        "import_rss": import_rss,
         "load_rss": load_rss,
         "setup_rss": setup_rss,
         "train_peak_rss": train_peak_rss,
@@ -739,7 +755,10 @@ def summarize(runs: list[dict], args: argparse.Namespace, peak_tflops: float) ->
         "first_batch_unique_tokens": first["batches"][0]["unique_tokens"],
         "logps_chosen_first_batch": first["logps_chosen_first_batch"],
         "loss_first_batch": first["loss_first_batch"],
+        "import_rss_mib": max(r["import_rss"] for r in runs) / 2**20,
         "load_rss_mib": max(r["load_rss"] for r in runs) / 2**20,
+        # what training itself holds above the imported libraries (the same for both tools)
+        "peak_above_imports_mib": max(r["peak_rss"] - r["import_rss"] for r in runs) / 2**20,
         "setup_rss_mib": max(r["setup_rss"] for r in runs) / 2**20,
         "train_peak_rss_mib": max(r["train_peak_rss"] for r in runs) / 2**20,
         "peak_rss_mib": max(r["peak_rss"] for r in runs) / 2**20,
@@ -905,10 +924,12 @@ def compare(args: argparse.Namespace) -> None:
         ("timed model tokens", "timed_model_tokens", "d"),
         ("logps/chosen, first batch", "logps_chosen_first_batch", ".3f"),
         ("loss, first batch", "loss_first_batch", ".4f"),
+        ("RSS after imports MiB", "import_rss_mib", ".0f"),
         ("RSS after model load MiB", "load_rss_mib", ".0f"),
         ("RSS before train MiB", "setup_rss_mib", ".0f"),
         ("peak RSS during train MiB", "train_peak_rss_mib", ".0f"),
         ("peak RSS (ru_maxrss) MiB", "peak_rss_mib", ".0f"),
+        ("  of it above the imports MiB", "peak_above_imports_mib", ".0f"),
         ("peak CUDA allocated MiB", "peak_cuda_mib", ".0f"),
         ("model load s", "load_s", ".1f"),
         ("setup s (load+data+trainer)", "setup_s", ".1f"),
@@ -991,6 +1012,7 @@ def compare(args: argparse.Namespace) -> None:
             "speedup_cpu_time": trl_s["cpu_s_per_pair"] / ours["cpu_s_per_pair"],
             "peak_rss_ratio": ours["peak_rss_mib"] / trl_s["peak_rss_mib"],
             "train_peak_rss_ratio": ours["train_peak_rss_mib"] / trl_s["train_peak_rss_mib"],
+            "peak_above_imports_ratio": ours["peak_above_imports_mib"] / trl_s["peak_above_imports_mib"],
             "tokens_per_s_ratio": ours["tokens_per_s"] / trl_s["tokens_per_s"],
             "peak_cuda_ratio": (ours["peak_cuda_mib"] / trl_s["peak_cuda_mib"])
             if trl_s["peak_cuda_mib"]
