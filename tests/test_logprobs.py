@@ -440,7 +440,7 @@ def test_attention_lengths_are_bucketed_on_cpu_in_bf16_only():
 
 def test_reply_token_logps_function_matches_cross_entropy():
     """The fused chunk function: -cross_entropy's values and its gradients for the hidden states
-    and the head weight (fp32, tight)."""
+    and the head weight (fp32, tight), and whether each target is the argmax."""
     import torch.nn.functional as F
 
     from preftune.training.logprobs import ReplyTokenLogps
@@ -453,7 +453,7 @@ def test_reply_token_logps_function_matches_cross_entropy():
     results = []
     for fn in (
         lambda h, w: -F.cross_entropy(F.linear(h, w), targets, reduction="none"),
-        lambda h, w: ReplyTokenLogps.apply(h, targets, w),
+        lambda h, w: ReplyTokenLogps.apply(h, targets, w)[0],
     ):
         out = fn(hidden, weight)
         (out * upstream).sum().backward()
@@ -461,6 +461,11 @@ def test_reply_token_logps_function_matches_cross_entropy():
         hidden.grad = weight.grad = None
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    targets[:3] = F.linear(hidden, weight)[:3].argmax(dim=1)  # three targets the model ranks first
+    _, is_argmax = ReplyTokenLogps.apply(hidden, targets, weight)
+    assert not is_argmax.requires_grad
+    assert is_argmax.tolist() == (F.linear(hidden, weight).argmax(dim=1) == targets).tolist()
+    assert is_argmax[:3].all()
 
 
 def test_default_chunk_size_is_smaller_on_cpu():

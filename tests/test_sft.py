@@ -210,6 +210,42 @@ def test_packed_rows_give_the_same_log_probs_as_examples_one_by_one(attn, tokeni
             torch.testing.assert_close(stats.nll, nll_alone, atol=1e-3, rtol=1e-5)
 
 
+def test_chunked_token_stats_match_full_logits_with_gradients(tokenizer, monkeypatch):
+    """SFT's chunked loss (one ReplyTokenLogps per chunk of a plain head) against the full logits:
+    the same NLL, target and correct counts, and the same weight gradients (fp32, tight)."""
+    from preftune.training import sft
+
+    calls = []
+    fused_apply = sft.ReplyTokenLogps.apply
+    monkeypatch.setattr(sft.ReplyTokenLogps, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    torch.manual_seed(0)
+    model = make_tiny_llama(len(tokenizer))
+    examples = [
+        tokenize_sft_example(e, tokenizer, "tokenizer", 512, 256, completion_only=True).as_feature()
+        for p in PAIRS[:3]
+        for e in normalize_sft_rows([{"prompt": p["prompt"], "completion": p["chosen"]}])[0]
+    ]
+    batch = SFTCollator(pad_token_id=tokenizer.pad_token_id)(examples)
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        stats = token_stats(
+            model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunked=chunked, chunk_size=5
+        )
+        stats.nll.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((stats, grads))
+    (full, full_grads), (chunks, chunk_grads) = results
+    torch.testing.assert_close(chunks.nll, full.nll, rtol=1e-5, atol=1e-4)
+    assert int(chunks.n_targets) == int(full.n_targets) > 5  # several chunks
+    assert len(calls) == -(-int(chunks.n_targets) // 5)  # each chunk through the fused function
+    assert int(chunks.n_correct) == int(full.n_correct)
+    # (the tiny model ties its head to the input embedding: that gradient holds the head's part)
+    assert chunk_grads.keys() == full_grads.keys() and "model.embed_tokens.weight" in chunk_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -251,19 +251,24 @@ class ReplyTokenLogps(torch.autograd.Function):
     The same numbers as -cross_entropy(logits), with one [chunk, vocab] fp32 buffer alive at a time:
     the forward keeps only the logsumexp per position and the backward recomputes the logits and
     turns them into the softmax and the gradient in place (cross-entropy's autograd keeps the
-    logits and the log-softmax and allocates a gradient for each)."""
+    logits and the log-softmax and allocates a gradient for each).
+
+    Returns (logp, is_argmax): the second, not differentiable, says whether the target is the
+    model's top token (SFT's token accuracy), from the same pass that finds the logits' maximum."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, hidden: Tensor, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         logits = F.linear(hidden.to(weight.dtype), weight).float()
         target_logits = logits.gather(1, targets[:, None]).squeeze(1)
-        peak = logits.amax(dim=1, keepdim=True)
+        peak, top = logits.max(dim=1, keepdim=True)
         lse = logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+        is_argmax = top.squeeze(1) == targets
+        ctx.mark_non_differentiable(is_argmax)
         ctx.save_for_backward(hidden, targets, weight, lse)
-        return target_logits - lse
+        return target_logits - lse, is_argmax
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _grad_is_argmax: Tensor | None):
         hidden, targets, weight, lse = ctx.saved_tensors
         h = hidden.to(weight.dtype)
         grad_logits = F.linear(h, weight).float().sub_(lse[:, None]).exp_()  # the softmax
@@ -298,7 +303,7 @@ def chunked_sequence_logps(
     for start in range(0, reply_hidden.shape[0], chunk_size):
         h, t = reply_hidden[start : start + chunk_size], targets.targets[start : start + chunk_size]
         if fused:
-            pieces.append(ReplyTokenLogps.apply(h, t, head))
+            pieces.append(ReplyTokenLogps.apply(h, t, head)[0])
         elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
             pieces.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))

@@ -27,6 +27,7 @@ from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
 from preftune.training import common, distributed
 from preftune.training.logprobs import (
+    ReplyTokenLogps,
     catch_decoder_output,
     chunk_logits,
     default_chunk_size,
@@ -73,7 +74,8 @@ def token_stats(
 
     chunked: run the model for its last hidden states and apply the LM head to target positions only,
     a chunk at a time under activation checkpointing (the fp32 logits of the whole batch never exist);
-    otherwise take the model's full logits. Both give the same numbers.
+    otherwise take the model's full logits. Both give the same numbers. A plain bias-free head (no
+    logit softcap) takes `ReplyTokenLogps`, one autograd function per chunk, as DPO's log-probs do.
     """
     targets = labels[:, 1:]
     predict = targets != IGNORE_INDEX
@@ -94,11 +96,15 @@ def token_stats(
     hidden = caught[-1][:, :-1][predict]  # [n_targets, hidden]
     head = head_for_chunks(lm_head, hidden.device)
     chunk_size = chunk_size or default_chunk_size(lm_head.weight.shape[0], hidden.device)
+    fused = isinstance(head, Tensor) and not softcap
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if fused:
+            logps, is_argmax = ReplyTokenLogps.apply(h, t, head)
+            chunk_nll, chunk_correct = -logps.sum(), is_argmax.sum()
+        elif torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them alive.
             chunk_nll, chunk_correct = checkpoint(_chunk_stats, h, t, head, softcap, use_reentrant=False)
         else:
