@@ -8,6 +8,12 @@ Phases: reference forward (no grad, adapter disabled), policy forward (log-probs
 optimizer step. Also prints the token budget of the batches: padding, prompt share (what prefix
 sharing would save) and reply share (what reaches the LM head). Instrumentation wraps the trainer's
 methods in this process only; src/ is untouched.
+
+--checkpoint_segments K (an experiment, not a preftune setting): the decoder's layers run in
+segments of K under one outer activation checkpoint each, with the per-layer checkpoints nested
+inside, so a step keeps the inputs of the segments plus those of one segment instead of every
+layer's, for one more forward of K-1 layers in K (Llama-style decoders, whose loop hands every
+layer the same keywords).
 """
 
 from __future__ import annotations
@@ -85,6 +91,45 @@ OP_GROUPS = [
 ]  # fmt: skip
 
 
+class _Segment:
+    """K consecutive decoder layers called as one, under an outer non-reentrant checkpoint in training."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+    def __call__(self, hidden_states, **kwargs):
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        def run(h):
+            for layer in self.layers:
+                h = layer(h, **kwargs)
+            return h
+
+        if self.layers[0].training and torch.is_grad_enabled():
+            return checkpoint(run, hidden_states, use_reentrant=False)
+        return run(hidden_states)
+
+
+def checkpoint_in_segments(model, k: int) -> None:
+    """Make the decoder's forward loop run its layers in segments of k (see the module docstring).
+    Indexing, iteration and the state dict still see the layers themselves; only the slice the
+    decoder loops over (`self.layers[:n]`) comes back as segments."""
+    import torch
+
+    from preftune.training.logprobs import unwrap_causal_lm
+
+    class SegmentedLayers(torch.nn.ModuleList):
+        def __getitem__(self, idx):
+            if not isinstance(idx, slice):
+                return super().__getitem__(idx)
+            layers = list(super().__getitem__(idx))
+            return [_Segment(layers[i : i + k]) for i in range(0, len(layers), k)]
+
+    decoder = unwrap_causal_lm(model).get_decoder()
+    decoder.layers = SegmentedLayers(list(decoder.layers))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -99,6 +144,7 @@ def main() -> None:
     p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--no_torch_profiler", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--checkpoint_segments", type=int, default=1, help="layers per outer checkpoint (1: off)")
     cli = p.parse_args()
 
     import tempfile
@@ -122,6 +168,8 @@ def main() -> None:
     )  # fmt: skip
     args.model_dir, args.data_file = str(model_dir), str(data_file)
     trainer, info = bench.build_preftune_trainer(args)
+    if cli.checkpoint_segments > 1:
+        checkpoint_in_segments(trainer.model, cli.checkpoint_segments)
 
     track = PhaseTracker()
     # ---- instrumentation (instance attributes shadow the class methods, in this process only)
