@@ -4,6 +4,7 @@
     python benchmarks/dpo_vs_trl.py --precision bf16 --steps 5
     python benchmarks/dpo_vs_trl.py --precompute_ref
     python benchmarks/dpo_vs_trl.py --model random:llama-1b --precision bf16 --batch_size 8   # on a GPU
+    python benchmarks/dpo_vs_trl.py --model random:llama-1b --precision bf16 --batch_size 8 --qlora   # QLoRA, on a GPU
     python benchmarks/dpo_vs_trl.py --sweep                  # max_length 256 .. 2048, both tools
 
 Each tool trains in its own process (this script with `--worker trl|preftune`), one after the other
@@ -13,6 +14,9 @@ is left at each tool's own default. Both default to gradient checkpointing on an
 (TRL's DPOConfig disable_dropout, preftune's --disable_dropout, LoRA's dropout included); preftune
 keeps its shared-prompt rows, chunked log-probs and CPU malloc settings on.
 `--gradient_checkpointing on|off` forces the same setting on both instead.
+`--qlora` loads the base in 4 bits for both (bitsandbytes NF4, no nested quantization, matmuls in
+the --precision dtype) under the same LoRA: TRL gets the BitsAndBytesConfig in from_pretrained,
+preftune its --use_4bit_quantization flags.
 
 Tokenization. TRL (>= 1.0) has no max_prompt_length: it keeps the start of prompt + reply up to
 max_length and drops pairs whose prompt alone fills max_length. preftune is given
@@ -113,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="embedded (SmolLM2-135M-Instruct), a model folder, or random:<shape> with <shape> one of "
         f"{', '.join(RANDOM_SHAPES)} or hidden=2048,layers=16,heads=32,kv_heads=8,intermediate=8192,vocab=128256",
     )
+    p.add_argument(
+        "--qlora",
+        action="store_true",
+        help="the base in 4-bit NF4 (bitsandbytes) for both tools, matmuls in the --precision dtype",
+    )
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument(
         "--max_prompt_length",
@@ -181,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _matmul_dtype_name(args: argparse.Namespace) -> str:
+    """The 4-bit layers' compute dtype under --qlora: the run's precision."""
+    return "bfloat16" if args.precision == "bf16" else "float32"
+
+
 def worker_argv(
     args: argparse.Namespace, tool: str, model_dir: str, data_file: str, result: str, baton: str | None = None
 ) -> list[str]:
@@ -207,6 +221,8 @@ def worker_argv(
     ]  # fmt: skip
     if args.precompute_ref:
         argv.append("--precompute_ref")
+    if args.qlora:
+        argv.append("--qlora")
     if args.preftune_flags:
         argv.append(f"--preftune_flags={args.preftune_flags}")
     if baton:
@@ -483,7 +499,8 @@ def _matmul_params(model) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            total += module.weight.numel()
+            # in x out, not weight.numel(): a 4-bit layer's weight is its packed bytes
+            total += module.in_features * module.out_features
     head = model.get_output_embeddings()
     if head is not None and id(head.weight) not in seen:  # not a Linear (rare)
         total += head.weight.numel()
@@ -529,6 +546,11 @@ def build_preftune_trainer(args: argparse.Namespace):
         flags += ["--bf16", "true"]
     if args.precompute_ref:
         flags += ["--precompute_ref_log_probs", "true"]
+    if args.qlora:
+        flags += [
+            "--use_4bit_quantization", "true", "--bnb_4bit_quant_type", "nf4",
+            "--bnb_4bit_compute_dtype", _matmul_dtype_name(args),
+        ]  # fmt: skip
     if args.gradient_checkpointing != "default":
         flags += ["--gradient_checkpointing", "true" if args.gradient_checkpointing == "on" else "false"]
     flags += shlex.split(args.preftune_flags)
@@ -631,7 +653,17 @@ def _worker_trl(args: argparse.Namespace, baton: Baton) -> dict:
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     # what DPOTrainer does with a model name (create_model_from_path: float32 unless told otherwise)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    quantization = {}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=False,
+            bnb_4bit_compute_dtype=getattr(torch, _matmul_dtype_name(args)),
+        )
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, **quantization)
     load_s = time.perf_counter() - t0
     load_rss = _rss()
     t1 = time.perf_counter()
@@ -699,6 +731,8 @@ def _train_and_measure(
         "n_train": n_train,
         "matmul_params": _matmul_params(model),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        # bitsandbytes' 4-bit layers in the trained model (--qlora: every base linear but the LM head)
+        "linears_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "torch_threads": torch.get_num_threads(),
         "glibc_tcache_off": "glibc.malloc.tcache_count=0" in os.environ.get("GLIBC_TUNABLES", ""),
@@ -769,6 +803,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, peak_tflops: float) ->
         "n_train": first["n_train"],
         "matmul_params": n,
         "trainable_params": first["trainable_params"],
+        "linears_4bit": first["linears_4bit"],
         "gradient_checkpointing": first["gradient_checkpointing"],
         "glibc_tcache_off": first["glibc_tcache_off"],
         "model_tflops_per_s": flops / total_s / 1e12,
@@ -896,7 +931,8 @@ def compare(args: argparse.Namespace) -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU x{os.cpu_count()} ({threads} threads per worker)"
     print(
         f"\nDPO step benchmark: model {args.model} ({model_dir.name}), {args.precision}, max_length "
-        f"{args.max_length}, batch {args.batch_size} pairs, LoRA r={args.lora_r} all-linear, "
+        f"{args.max_length}, batch {args.batch_size} pairs, {'QLoRA (4-bit NF4 base)' if args.qlora else 'LoRA'} "
+        f"r={args.lora_r} all-linear, "
         f"{args.steps} timed steps after {args.warmup} warm-up x {args.repeats} run(s), "
         f"precompute_ref={args.precompute_ref}, {selection['n_pairs']} pairs, device {device}"
     )
@@ -937,6 +973,7 @@ def compare(args: argparse.Namespace) -> None:
         ("gradient checkpointing", "gradient_checkpointing", ""),
         ("matmul params N", "matmul_params", ",d"),
         ("trainable params", "trainable_params", ",d"),
+        ("4-bit linears", "linears_4bit", "d"),
         ("model TFLOP/s", "model_tflops_per_s", ".4f"),
         ("MFU vs probe peak", "mfu", ".1%"),
     ]
@@ -964,6 +1001,7 @@ def compare(args: argparse.Namespace) -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "precompute_ref": args.precompute_ref,
+        "qlora": args.qlora,
         "preftune_flags": args.preftune_flags,
         "gradient_checkpointing": args.gradient_checkpointing,
         "threads": args.threads or None,
@@ -1070,7 +1108,7 @@ def sweep(args: argparse.Namespace) -> None:
     mem_name = "peak CUDA MiB" if cuda else "peak RSS MiB"
     print(
         f"\nsweep: model {args.model}, {args.precision}, batch {args.batch_size}, {args.steps} timed steps, "
-        f"precompute_ref={args.precompute_ref}"
+        f"precompute_ref={args.precompute_ref}, qlora={args.qlora}"
     )
     tools = [t for t in TOOLS if t in table[0]]
     head = f"{'max_length':>10}{'tok/pair':>10}" + "".join(

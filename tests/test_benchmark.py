@@ -1,0 +1,45 @@
+"""benchmarks/dpo_vs_trl.py's plumbing: what reaches the worker processes and how the model's matmul
+parameters are counted. The benchmark's numbers themselves come from running it (README)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import dpo_vs_trl  # noqa: E402
+
+try:
+    import bitsandbytes  # noqa: F401
+
+    from preftune.models.quantization import bnb_config
+except Exception:  # not installed, or no usable native library
+    bnb_config = None
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_qlora_reaches_the_workers(qlora):
+    args = dpo_vs_trl.parse_args(["--precision", "bf16"] + (["--qlora"] if qlora else []))
+    argv = dpo_vs_trl.worker_argv(args, "preftune", "model", "pairs.json", "result.json")
+    worker_args = dpo_vs_trl.parse_args(argv[2:])  # past the interpreter and the script
+    assert worker_args.qlora is qlora
+    assert worker_args.worker == "preftune" and worker_args.precision == "bf16"
+    assert dpo_vs_trl._matmul_dtype_name(worker_args) == "bfloat16"
+
+
+@pytest.mark.skipif(bnb_config is None, reason="bitsandbytes is not importable")
+def test_matmul_params_count_4bit_layers_at_their_full_size(tiny_model_dir):
+    """A 4-bit layer's weight holds packed bytes; the FLOP count must still see in x out."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, quantization_config=bnb_config(load_in_4bit=True, load_in_8bit=False)
+    )
+    n_4bit = sum(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+    assert n_4bit > 0
+    packed = next(m for m in quantized.modules() if type(m).__name__ == "Linear4bit")
+    assert packed.weight.numel() < packed.in_features * packed.out_features  # really packed
+    assert dpo_vs_trl._matmul_params(quantized) == dpo_vs_trl._matmul_params(plain)
