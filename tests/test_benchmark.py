@@ -36,7 +36,9 @@ def test_matmul_params_count_4bit_layers_at_their_full_size(tiny_model_dir):
     """A 4-bit layer's weight holds packed bytes; the FLOP count must still see in x out."""
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     quantized = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32, quantization_config=bnb_config(load_in_4bit=True, load_in_8bit=False)
+        tiny_model_dir,
+        dtype=torch.float32,
+        quantization_config=bnb_config(load_in_4bit=True, load_in_8bit=False),
     )
     n_4bit = sum(type(m).__name__ == "Linear4bit" for m in quantized.modules())
     assert n_4bit > 0
