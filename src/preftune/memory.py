@@ -185,11 +185,16 @@ def file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+def _byte_span(tensor) -> tuple[int, int]:
+    """[begin, end) addresses of a contiguous tensor's memory."""
+    begin = tensor.data_ptr()
+    return begin, begin + tensor.numel() * tensor.element_size()
+
+
 def in_mapped_file(tensor, mappings: list[tuple[int, int]] | None = None) -> bool:
     """Whether all of `tensor`'s memory lies in one of `mappings` (default: `file_mappings()`)."""
     spans = file_mappings() if mappings is None else mappings
-    begin = tensor.data_ptr()
-    end = begin + tensor.numel() * tensor.element_size()
+    begin, end = _byte_span(tensor)
     return any(start <= begin and end <= stop for start, stop in spans)
 
 
@@ -212,8 +217,7 @@ def release_file_pages(tensors: list, mappings: list[tuple[int, int]] | None = N
     for tensor in tensors:
         if not in_mapped_file(tensor, spans):
             continue
-        begin = tensor.data_ptr()
-        end = begin + tensor.numel() * tensor.element_size()
+        begin, end = _byte_span(tensor)
         first, last = -(-begin // page) * page, end // page * page
         if (
             last > first
