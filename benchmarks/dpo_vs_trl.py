@@ -905,9 +905,12 @@ def code_version() -> dict:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             info[pkg] = None
-    git = subprocess.run(
-        ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
+    try:
+        git = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:  # no git on this machine (a lent GPU machine's image, say)
+        return info
     if git.returncode == 0:
         dirty = subprocess.run(
             ["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True

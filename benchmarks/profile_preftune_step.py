@@ -9,6 +9,12 @@ optimizer step. Also prints the token budget of the batches: padding, prompt sha
 sharing would save) and reply share (what reaches the LM head). Instrumentation wraps the trainer's
 methods in this process only; src/ is untouched.
 
+--layer_trace: through the last measured step, a sampler (every ~5 ms) records the process's RSS,
+the resident part of glibc's heap ([heap] in /proc/self/smaps) and what malloc has handed out
+(mallinfo2), marked with the decoder layer running (forward: its pre-hook; backward: the gradient
+of its output arriving); prints one line per mark, so the step's peak has a place, and the heap's
+resident free memory (heap RSS - in use) shows the fragmentation at that place. Linux/glibc only.
+
 --checkpoint_segments K (an experiment, not a preftune setting): the decoder's layers run in
 segments of K under one outer activation checkpoint each, with the per-layer checkpoints nested
 inside, so a step keeps the inputs of the segments plus those of one segment instead of every
@@ -111,6 +117,88 @@ class _Segment:
         return run(hidden_states)
 
 
+class LayerTrace:
+    """RSS, heap RSS and malloc's in-use bytes, sampled with the decoder layer running (--layer_trace)."""
+
+    def __init__(self, model) -> None:
+        import ctypes
+
+        import torch
+
+        from preftune.training.logprobs import unwrap_causal_lm
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = MallInfo2
+        self.mark, self.on, self.rows = "other", False, []
+        self._stop = threading.Event()
+
+        def before(i):
+            def hook(module, inputs):
+                self.mark = f"{'forward' if torch.is_grad_enabled() else 'no-grad forward'} {i}"
+
+            return hook
+
+        def after(i):
+            def hook(module, inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if self.on and torch.is_grad_enabled() and hidden.requires_grad:
+                    hidden.register_hook(lambda grad: setattr(self, "mark", f"backward {i}"))
+
+            return hook
+
+        for i, layer in enumerate(unwrap_causal_lm(model).get_decoder().layers):
+            layer.register_forward_pre_hook(before(i))
+            layer.register_forward_hook(after(i))
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def _heap_rss() -> int:
+        with open("/proc/self/smaps") as f:
+            in_heap = False
+            for line in f:
+                if in_heap and line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+                if line.rstrip().endswith("[heap]"):
+                    in_heap = True
+        return 0
+
+    def _sample(self) -> None:
+        with open("/proc/self/statm") as statm:
+            while not self._stop.is_set():
+                if self.on:
+                    statm.seek(0)
+                    rss = int(statm.read().split()[1]) * 4096
+                    info = self._libc.mallinfo2()
+                    self.rows.append((self.mark, rss, self._heap_rss(), info.uordblks, info.hblkhd))
+                self._stop.wait(0.005)
+
+    def report(self) -> None:
+        """One line per mark (consecutive samples under the same mark), in MiB."""
+        mib = 2**20
+        print("\nlayer trace, last measured step (MiB; heap free = resident heap - malloc in use):")
+        print(
+            f"{'mark':22}{'RSS max':>9}{'heap RSS':>10}{'in use max':>12}{'heap free max':>15}{'outside heap':>14}"
+        )
+        peak = max(r[1] for r in self.rows)
+        groups = []
+        for mark, rss, heap, used, _ in self.rows:
+            if not groups or groups[-1][0] != mark:
+                groups.append([mark, []])
+            groups[-1][1].append((rss, heap, used))
+        for mark, samples in groups:
+            rss = max(x[0] for x in samples)
+            print(f"{mark:22}{rss / mib:>9.0f}{max(x[1] for x in samples) / mib:>10.0f}"
+                  f"{max(x[2] for x in samples) / mib:>12.0f}{max(x[1] - x[2] for x in samples) / mib:>15.0f}"
+                  f"{max(x[0] - x[1] for x in samples) / mib:>14.0f}{'  <- peak' if rss == peak else ''}")  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def checkpoint_in_segments(model, k: int) -> None:
     """Make the decoder's forward loop run its layers in segments of k (see the module docstring).
     Indexing, iteration and the state dict still see the layers themselves; only the slice the
@@ -145,7 +233,14 @@ def main() -> None:
     p.add_argument("--no_torch_profiler", action="store_true")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--checkpoint_segments", type=int, default=1, help="layers per outer checkpoint (1: off)")
+    p.add_argument(
+        "--layer_trace", action="store_true", help="RSS and heap by decoder layer, last measured step"
+    )
     cli = p.parse_args()
+    # what `preftune dpo` and the benchmark's preftune worker do first (preftune/memory.py)
+    from preftune.memory import restart_with_malloc_tunables
+
+    restart_with_malloc_tunables()
 
     import tempfile
 
@@ -171,6 +266,7 @@ def main() -> None:
     if cli.checkpoint_segments > 1:
         checkpoint_in_segments(trainer.model, cli.checkpoint_segments)
 
+    layer_trace = LayerTrace(trainer.model) if cli.layer_trace else None
     track = PhaseTracker()
     # ---- instrumentation (instance attributes shadow the class methods, in this process only)
     orig_ref, orig_seq = trainer.reference_logps, trainer._sequence_logps
@@ -205,6 +301,9 @@ def main() -> None:
             track.reset()
             self.t0 = time.perf_counter()
             self.rss0 = track.proc.memory_info().rss
+            if layer_trace is not None:  # the last measured step only
+                layer_trace.on = state.global_step == cli.warmup + cli.steps - 1
+                layer_trace.mark = "step start"
             if profiled and state.global_step == total_steps - 1:
                 prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
                 prof.__enter__()
@@ -220,6 +319,8 @@ def main() -> None:
 
         def on_step_end(self, a, state, control, **kw):
             step_s = time.perf_counter() - self.t0
+            if layer_trace is not None:
+                layer_trace.on = False
             if "prof" in prof_holder and state.global_step == total_steps:
                 prof_holder["prof"].__exit__(None, None, None)
                 results["profiled_step_s"] = step_s
@@ -241,6 +342,8 @@ def main() -> None:
     trainer.data_collator = stats
     trainer.train()
     track.stop()
+    if layer_trace is not None:
+        layer_trace.stop()
 
     # ---- report
     steps = results["steps"]
@@ -267,6 +370,9 @@ def main() -> None:
         "RSS at phase boundaries (last measured step, MiB): step start "
         f"{last['rss_step_start_mib']:.0f}; " + "; ".join(f"{k} {v:.0f}" for k, v in last["rss_mib"].items())
     )
+
+    if layer_trace is not None:
+        layer_trace.report()
 
     # token budget of the batches this run saw
     b = stats.batches[:total_steps]  # the loader may have prefetched one more

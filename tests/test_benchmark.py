@@ -70,3 +70,15 @@ def test_tokenizer_flag_errors_name_the_flag(argv, message, capsys):
         dpo_vs_trl.parse_args(argv)
     err = capsys.readouterr().err
     assert "--tokenizer" in err and message in err
+
+
+def test_code_version_without_git(monkeypatch):
+    """The copy of the repository a GPU machine runs may come without git: versions still print."""
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(dpo_vs_trl.subprocess, "run", no_git)
+    info = dpo_vs_trl.code_version()
+    assert info["torch"] == torch.__version__ and info["preftune_src"].endswith("preftune")
+    assert "preftune_git" not in info

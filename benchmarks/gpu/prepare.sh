@@ -47,7 +47,9 @@ mkdir -p "$inputs/data"
 cp "$DATA" "$inputs/data/"
 tar -czf .gpu/inputs.tar.gz -C "$inputs" tokenizer data  # 5 MiB -> 1.3 MiB; run.sh unpacks it
 
-echo "packed for the GPU machine: $pins"
+# the copy that travels has no .git: run.sh prints which commit it is
+git describe --always --dirty > .gpu/commit.txt
+echo "packed for the GPU machine at $(cat .gpu/commit.txt): $pins"
 tree_kib=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- | tail -1 | cut -f1)
 gpu_kib=$(du -sk .gpu | cut -f1)
 total_mib=$(( (tree_kib + gpu_kib) / 1024 ))

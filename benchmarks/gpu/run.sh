@@ -5,8 +5,8 @@
 # shape, checks the path on a tiny model first (one step; a failure there stops the script before
 # the long runs), then runs benchmarks/dpo_vs_trl.py with LoRA and with QLoRA, bf16, batch 8.
 # Each run's log and its last line (the JSON summary) land in $OUT.
-# A dry run on this CPU machine: SKIP_INSTALL=1 PYTHON=.venv/bin/python SHAPE=tiny BATCH=2 OUT=/tmp/o \
-#     bash benchmarks/gpu/run.sh
+# A dry run on this CPU machine: ALLOW_CPU=1 SKIP_INSTALL=1 PYTHON=.venv/bin/python SHAPE=tiny BATCH=2 \
+#     STEPS=1 OUT=/tmp/o bash benchmarks/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/preftune-gpu-out}
@@ -27,13 +27,19 @@ tar -xzf .gpu/inputs.tar.gz -C "$WORK" || exit 1
 
 {
   date -u
+  echo "preftune at $(cat .gpu/commit.txt 2>/dev/null || echo '?') (benchmarks/gpu/prepare.sh)"
   nvidia-smi -L 2>&1
   "$PY" - <<'PYEOF'
 import torch, transformers, peft, trl, datasets, bitsandbytes, accelerate
 print({m.__name__: m.__version__ for m in (torch, transformers, peft, trl, datasets, bitsandbytes, accelerate)})
+import fsspec, pyarrow
+print({m.__name__: m.__version__ for m in (pyarrow, fsspec)})
+import os
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+if not torch.cuda.is_available() and not os.environ.get("ALLOW_CPU"):
+    raise SystemExit("no CUDA device: these runs are for a GPU (ALLOW_CPU=1 for a dry run on a CPU)")
 PYEOF
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/env.txt" || exit 1  # a package that does not import: stop here
 
 bench() {  # bench NAME SECONDS ARGS...: one benchmark run, its log and JSON line in $OUT
   local name=$1 limit=$2
