@@ -376,15 +376,15 @@ def main() -> None:
 
     # token budget of the batches this run saw
     b = stats.batches[:total_steps]  # the loader may have prefetched one more
-    model_tok = sum(x["model_tokens"] for x in b)
-    padded = sum(x["padded_tokens"] for x in b)
+    model_tok = sum(x["model_tokens"] for x in b)  # prompt + chosen and prompt + rejected
+    fed = sum(x["fed_tokens"] for x in b)  # non-pad tokens the model ran on
+    padded = sum(x["padded_tokens"] for x in b)  # the rows' tokens, padding included
     reply = sum(x["reply_tokens"] for x in b)
-    unique = sum(x["unique_tokens"] for x in b)
-    prompt_dup = model_tok - unique  # the second copy of each prompt
-    print(f"token budget over {len(b)} batches: padded {padded}, real {model_tok} (padding "
-          f"{1 - model_tok / padded:.1%} of padded), prompt copy shareable by prefix sharing {prompt_dup} "
-          f"({prompt_dup / model_tok:.1%} of real, {prompt_dup / padded:.1%} of padded), reply tokens (LM head) "
-          f"{reply} ({reply / model_tok:.1%} of real)")  # fmt: skip
+    prompt_dup = model_tok - sum(x["unique_tokens"] for x in b)  # the second copy of each prompt
+    print(f"token budget over {len(b)} batches: model tokens {model_tok} (each prompt twice), fed to the "
+          f"model {fed} ({1 - fed / model_tok:.1%} fewer: the prompt copies shared, {prompt_dup} tokens), "
+          f"rows {padded} tokens (padding {1 - fed / padded:.1%}), reply tokens (LM head) {reply} "
+          f"({reply / model_tok:.1%} of the model tokens)")  # fmt: skip
 
     if "prof" in prof_holder:
         prof = prof_holder["prof"]
@@ -438,7 +438,7 @@ def main() -> None:
         results["live_peak_mib"] = peak / 2**20
         results["live_peak_per_phase_mib"] = {k: v / 2**20 for k, v in per_phase.items()}
     results["token_budget"] = {
-        "padded": padded, "real": model_tok, "unique": unique, "prompt_copy": prompt_dup, "reply": reply,
+        "padded": padded, "model": model_tok, "fed": fed, "prompt_copy": prompt_dup, "reply": reply,
     }  # fmt: skip
     results["mean_step_s"] = mean_step
     print(json.dumps(results, default=float))
