@@ -12,8 +12,9 @@ PY=.venv/bin/python
 DATA=${DATA:-../shared/data/dpo_en_demo.json}
 LIMIT_MIB=62  # the device tool carries at most 64 MiB: the working tree and .gpu together
 
-mkdir -p .git/info
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # .git/info/exclude, in a worktree too
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
 rm -rf .gpu
 mkdir -p .gpu/whl
 inputs=$(mktemp -d)
