@@ -173,7 +173,7 @@ class LayerTrace:
                     statm.seek(0)
                     rss = int(statm.read().split()[1]) * 4096
                     info = self._libc.mallinfo2()
-                    self.rows.append((self.mark, rss, self._heap_rss(), info.uordblks, info.hblkhd))
+                    self.rows.append((self.mark, rss, self._heap_rss(), info.uordblks))
                 self._stop.wait(0.005)
 
     def report(self) -> None:
@@ -185,7 +185,7 @@ class LayerTrace:
         )
         peak = max(r[1] for r in self.rows)
         groups = []
-        for mark, rss, heap, used, _ in self.rows:
+        for mark, rss, heap, used in self.rows:
             if not groups or groups[-1][0] != mark:
                 groups.append([mark, []])
             groups[-1][1].append((rss, heap, used))
