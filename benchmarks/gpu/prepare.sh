@@ -37,10 +37,10 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   "${platforms[@]}" --platform any -d .gpu/whl $pins
 
 $PY - "$inputs" <<'PYEOF'
+import sys
+
 from preftune.models.embedded import embedded_model_path
 from transformers import AutoTokenizer
-
-import sys
 
 AutoTokenizer.from_pretrained(str(embedded_model_path())).save_pretrained(sys.argv[1] + "/tokenizer")
 PYEOF

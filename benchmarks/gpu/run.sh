@@ -30,11 +30,10 @@ tar -xzf .gpu/inputs.tar.gz -C "$WORK" || exit 1
   echo "preftune at $(cat .gpu/commit.txt 2>/dev/null || echo '?') (benchmarks/gpu/prepare.sh)"
   nvidia-smi -L 2>&1
   "$PY" - <<'PYEOF'
-import torch, transformers, peft, trl, datasets, bitsandbytes, accelerate
-print({m.__name__: m.__version__ for m in (torch, transformers, peft, trl, datasets, bitsandbytes, accelerate)})
-import fsspec, pyarrow
-print({m.__name__: m.__version__ for m in (pyarrow, fsspec)})
 import os
+import accelerate, bitsandbytes, datasets, fsspec, peft, pyarrow, torch, transformers, trl
+modules = (torch, transformers, peft, trl, datasets, bitsandbytes, accelerate, pyarrow, fsspec)
+print({m.__name__: m.__version__ for m in modules})
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 if not torch.cuda.is_available() and not os.environ.get("ALLOW_CPU"):
     raise SystemExit("no CUDA device: these runs are for a GPU (ALLOW_CPU=1 for a dry run on a CPU)")
