@@ -43,8 +43,9 @@ this process before the workers).
 Memory: peak RSS is the process's ru_maxrss (the goal's figure); a 20 ms sampler gives the peak
 during training alone. "RSS after imports" is each worker's RSS once its libraries are imported
 (torch, transformers' Trainer, peft, datasets, bitsandbytes when installed, and trl or preftune),
-before any model or data: some 0.5 GiB on a CPU that neither tool can shed, so "above the imports"
-(peak RSS minus it) is what the training itself holds.
+before any model or data: some 0.5 GiB on a CPU (preftune's is about 40 MiB less: it imports
+bitsandbytes without PyTorch's compiler, preftune/lazy_compile.py), so "above the imports" (peak
+RSS minus it) is what the training itself holds.
 
 The last line printed is one JSON object (speedup, peak_rss_ratio and every figure above).
 """
@@ -1154,10 +1155,13 @@ def sweep(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker == "preftune" and argv is None:
-        # what `preftune dpo` does first: restart with glibc's tcache off (preftune/memory.py)
+        # what `preftune dpo` does first: restart with glibc's tcache off (preftune/memory.py),
+        # then import bitsandbytes without PyTorch's compiler (preftune/lazy_compile.py)
+        from preftune.lazy_compile import import_bitsandbytes
         from preftune.memory import restart_with_malloc_tunables
 
         restart_with_malloc_tunables()
+        import_bitsandbytes()
     if args.threads:  # the matmul probe (parent) and the workers use the same thread count
         import torch
 

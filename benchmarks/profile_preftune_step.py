@@ -237,10 +237,13 @@ def main() -> None:
         "--layer_trace", action="store_true", help="RSS and heap by decoder layer, last measured step"
     )
     cli = p.parse_args()
-    # what `preftune dpo` and the benchmark's preftune worker do first (preftune/memory.py)
+    # what `preftune dpo` and the benchmark's preftune worker do first (preftune/memory.py,
+    # preftune/lazy_compile.py)
+    from preftune.lazy_compile import import_bitsandbytes
     from preftune.memory import restart_with_malloc_tunables
 
     restart_with_malloc_tunables()
+    import_bitsandbytes()
 
     import tempfile
 

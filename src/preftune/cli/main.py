@@ -22,6 +22,7 @@ import warnings
 from rich.console import Console
 from rich.markup import escape
 
+from preftune.lazy_compile import import_bitsandbytes
 from preftune.memory import restart_with_malloc_tunables
 
 console = Console(stderr=True)
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if from_command_line:
         restart_with_malloc_tunables()  # CPU memory: see preftune/memory.py
+    if command != "report":  # every other command loads a model, and so imports bitsandbytes
+        import_bitsandbytes()  # without PyTorch's compiler: see preftune/lazy_compile.py
     _setup_logging()
     try:
         sys.exit(HANDLERS[command](rest))
