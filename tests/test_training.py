@@ -5,6 +5,7 @@ precomputed reference log-probs give the same numbers as on-the-fly ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -485,3 +486,48 @@ def test_cpu_training_steps_release_the_heap_between_layers(tiny_model_dir, data
     with torch.no_grad():
         trainer.model(input_ids=torch.tensor([[1, 2, 3]]))
     assert calls == []
+
+
+def test_paired_checkpointing_trains_exactly_like_per_layer_checkpointing(
+    tiny_model_dir, data_file, tmp_path, monkeypatch
+):
+    """The default pairs the checkpointed decoder layers in each training step
+    (preftune.training.paired_checkpointing); losses and gradient norms are the same, bit for bit,
+    dropout on, as with every layer keeping its input (--paired_checkpointing false)."""
+    from preftune.training import paired_checkpointing as paired_module
+    from preftune.training import trainer as trainer_module
+
+    pairs_per_step = []
+    real = trainer_module.paired_checkpointing
+
+    @contextlib.contextmanager
+    def recording(layers):
+        with real(layers) as pairs:
+            pairs_per_step.append(pairs)
+            yield pairs
+
+    monkeypatch.setattr(trainer_module, "paired_checkpointing", recording)
+    second_layer_runs = []
+    second_layer = paired_module._SecondLayer
+
+    class CountingSecondLayer(second_layer):
+        @staticmethod
+        def forward(ctx, *args):
+            second_layer_runs.append(1)
+            return second_layer.forward(ctx, *args)
+
+    monkeypatch.setattr(paired_module, "_SecondLayer", CountingSecondLayer)
+    histories = {}
+    for paired in ("true", "false"):
+        args = dpo_args(
+            tiny_model_dir, data_file, tmp_path / f"paired-{paired}",
+            "--use_peft_lora", "--lora_dropout", "0.1", "--disable_dropout", "false",
+            "--max_steps", "2", "--learning_rate", "1e-2", "--gradient_checkpointing", "true",
+            "--paired_checkpointing", paired,
+        )  # fmt: skip
+        _, trainer, _ = run_capturing(args)
+        histories[paired] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+    assert pairs_per_step == [1, 1]  # the tiny model's 2 layers, in each step of the paired run
+    assert len(second_layer_runs) == 2  # the second layer took the paired path in both steps
+    assert len(histories["true"]) == 2
+    assert histories["true"] == histories["false"]

@@ -175,6 +175,15 @@ class PreferenceArguments:
             "false: PEFT's own forward."
         },
     )
+    paired_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "With gradient checkpointing: every second decoder layer keeps no input for the "
+            "backward pass and recomputes it from the layer before's (exact; half the layer inputs "
+            "held, one more layer forward per pair of layers; one process only); false: every layer keeps "
+            "its input."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute the reference log-probs once before training instead of every step."},
