@@ -495,10 +495,9 @@ def test_paired_checkpointing_trains_exactly_like_per_layer_checkpointing(
     (preftune.training.paired_checkpointing); losses and gradient norms are the same, bit for bit,
     dropout on, as with every layer keeping its input (--paired_checkpointing false)."""
     from preftune.training import paired_checkpointing as paired_module
-    from preftune.training import trainer as trainer_module
 
     pairs_per_step = []
-    real = trainer_module.paired_checkpointing
+    real = paired_module.paired_checkpointing
 
     @contextlib.contextmanager
     def recording(layers):
@@ -506,7 +505,7 @@ def test_paired_checkpointing_trains_exactly_like_per_layer_checkpointing(
             pairs_per_step.append(pairs)
             yield pairs
 
-    monkeypatch.setattr(trainer_module, "paired_checkpointing", recording)
+    monkeypatch.setattr(paired_module, "paired_checkpointing", recording)
     second_layer_runs = []
     second_layer = paired_module._SecondLayer
 

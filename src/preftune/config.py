@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PAIRED_CHECKPOINTING_HELP = (
+    "With gradient checkpointing: every second decoder layer keeps no input for the "
+    "backward pass and recomputes it from the layer before's (exact; half the layer inputs "
+    "held, one more layer forward per pair of layers; one process only); false: every layer keeps "
+    "its input."
+)
+
 
 @dataclass
 class ModelArguments:
@@ -175,15 +182,7 @@ class PreferenceArguments:
             "false: PEFT's own forward."
         },
     )
-    paired_checkpointing: bool = field(
-        default=True,
-        metadata={
-            "help": "With gradient checkpointing: every second decoder layer keeps no input for the "
-            "backward pass and recomputes it from the layer before's (exact; half the layer inputs "
-            "held, one more layer forward per pair of layers; one process only); false: every layer keeps "
-            "its input."
-        },
-    )
+    paired_checkpointing: bool = field(default=True, metadata={"help": PAIRED_CHECKPOINTING_HELP})
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute the reference log-probs once before training instead of every step."},
@@ -221,3 +220,4 @@ class SFTArguments:
             "help": "Apply the LM head to loss tokens only, in chunks (lean memory); false: full logits."
         },
     )
+    paired_checkpointing: bool = field(default=True, metadata={"help": PAIRED_CHECKPOINTING_HELP})

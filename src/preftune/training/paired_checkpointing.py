@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from preftune.training.logprobs import unwrap_causal_lm
+
 Tensor = torch.Tensor
 
 
@@ -147,3 +149,16 @@ def paired_checkpointing(layers: list[torch.nn.Module]) -> Iterator[int]:
     finally:
         for layer, original in zip(layers, originals):
             layer._gradient_checkpointing_func = original
+
+
+def for_training_step(
+    model: torch.nn.Module, enabled: bool, world_size: int
+) -> contextlib.AbstractContextManager:
+    """`paired_checkpointing` over the decoder layers of `model` (a causal LM, PEFT-wrapped or not)
+    when `enabled` and in one process. Not under DDP: it takes the second layers' parameters, which
+    the forward runs without gradients, for unused ones, then sees them ready a second time in their
+    backward."""
+    if not enabled or world_size > 1:
+        return contextlib.nullcontext(0)
+    decoder = unwrap_causal_lm(model).get_decoder()
+    return paired_checkpointing(list(getattr(decoder, "layers", [])))

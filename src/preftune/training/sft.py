@@ -25,7 +25,7 @@ from preftune.config import DataArguments, ModelArguments, SFTArguments
 from preftune.data import apply_template
 from preftune.data.sft import load_sft_splits, tokenize_sft_examples
 from preftune.models.prepare import PreparedModels, prepare_models
-from preftune.training import common, distributed
+from preftune.training import common, distributed, paired_checkpointing
 from preftune.training.logprobs import (
     ReplyTokenLogps,
     catch_decoder_output,
@@ -124,9 +124,10 @@ class SFTTrainer(Trainer):
     micro-batch.
     """
 
-    def __init__(self, *args, chunked_loss: bool = True, **kwargs) -> None:
+    def __init__(self, *args, chunked_loss: bool = True, paired_checkpointing: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.chunked_loss = chunked_loss
+        self.paired_checkpointing = paired_checkpointing
         # We normalize by num_items_in_batch ourselves: have the Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
         self._sums = {split: self._zero_sums() for split in ("train", "eval")}
@@ -157,6 +158,13 @@ class SFTTrainer(Trainer):
         sums["targets"] += int(stats.n_targets)
         sums["correct"] += int(stats.n_correct)
         sums["tokens"] += int(n_tokens.sum())
+
+    def training_step(self, *args, **kwargs) -> Tensor:
+        # checkpointed decoder layers in pairs (preftune.training.paired_checkpointing)
+        with paired_checkpointing.for_training_step(
+            self.model, self.paired_checkpointing, self.args.world_size
+        ):
+            return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._window_start is None:
@@ -281,6 +289,7 @@ def build_sft_trainer(
         eval_dataset=held_out or None,
         processing_class=prepared.tokenizer,
         chunked_loss=sft_args.chunked_loss,
+        paired_checkpointing=sft_args.paired_checkpointing,
     )
 
 

@@ -22,10 +22,9 @@ from preftune.config import PreferenceArguments
 from preftune.losses import preference_loss
 from preftune.memory import release_free_heap
 from preftune.models.prepare import POLICY_ADAPTER, REFERENCE_ADAPTER
-from preftune.training import pair_attention, reference_cache
+from preftune.training import pair_attention, paired_checkpointing, reference_cache
 from preftune.training.batching import REF_KEYS
 from preftune.training.logprobs import SequenceLogps, batch_logps, unwrap_causal_lm
-from preftune.training.paired_checkpointing import paired_checkpointing
 
 Tensor = torch.Tensor
 logger = logging.getLogger("preftune")
@@ -123,19 +122,12 @@ class PreferenceTrainer(Trainer):
             for handle in handles:
                 handle.remove()
 
-    def _paired_checkpointing(self) -> contextlib.AbstractContextManager:
-        """Checkpointed decoder layers in pairs, the second one keeping no input
-        (preftune.training.paired_checkpointing), for the duration of a step and its backward.
-        One process only: DDP takes the second layers' parameters, which the forward runs without
-        gradients, for unused ones, and then sees them ready a second time in their backward."""
-        if not self.pref.paired_checkpointing or self.args.world_size > 1:
-            return contextlib.nullcontext()
-        decoder = unwrap_causal_lm(self.model).get_decoder()
-        return paired_checkpointing(list(getattr(decoder, "layers", [])))
-
     def training_step(self, *args, **kwargs) -> Tensor:
         self._release_cpu_heap()
-        with self._pair_attention(), self._release_cpu_heap_between_layers(), self._paired_checkpointing():
+        paired = paired_checkpointing.for_training_step(
+            self.model, self.pref.paired_checkpointing, self.args.world_size
+        )
+        with self._pair_attention(), self._release_cpu_heap_between_layers(), paired:
             return super().training_step(*args, **kwargs)
 
     def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
