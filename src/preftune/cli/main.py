@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if from_command_line:
         restart_with_malloc_tunables()  # CPU memory: see preftune/memory.py
+    _setup_logging()
     if command != "report":  # every other command loads a model, and so imports bitsandbytes
         import_bitsandbytes()  # without PyTorch's compiler: see preftune/lazy_compile.py
-    _setup_logging()
     try:
         sys.exit(HANDLERS[command](rest))
     except KeyboardInterrupt:
