@@ -9,8 +9,11 @@ a's kept input (which a's own backward needs anyway), then recomputes b's activa
 b's backward. The random state (dropout) and the autocast settings of each original forward are
 restored for these reruns, so they give the same tensors, bit for bit, and the gradients are the
 same as plain checkpointing's. The price is one more forward of a layer per pair, without
-gradients: bf16, embedded model, preftune alone, three interleaved runs each, peak RSS 938-943
-MiB against 966-968 at 4.9-5.2 against 4.8-5.1 s a step.
+gradients, about a tenth of a step's layer work. bf16, embedded model, 6 steps, preftune alone,
+three interleaved runs each: peak RSS 939-943 MiB against 969-977, at 4.9-5.6 against 5.2-6.6 s
+a step (this machine's noise is larger than the difference; `benchmarks/dpo_vs_trl.py --tools
+preftune --preftune_flags "--paired_checkpointing false"`, three more pairs: 944-952 against
+971-972 MiB, 0.36-0.39 against 0.31-0.46 pairs/s).
 
 This is segment checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
 Cost") with segments of two layers, where the second layer's recomputation starts from the
