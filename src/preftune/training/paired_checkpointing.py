@@ -13,7 +13,8 @@ gradients, about a tenth of a step's layer work. bf16, embedded model, 6 steps, 
 three interleaved runs each: peak RSS 939-943 MiB against 969-977, at 4.9-5.6 against 5.2-6.6 s
 a step (this machine's noise is larger than the difference; `benchmarks/dpo_vs_trl.py --tools
 preftune --preftune_flags "--paired_checkpointing false"`, three more pairs: 944-952 against
-971-972 MiB, 0.36-0.39 against 0.31-0.46 pairs/s).
+971-972 MiB, 0.36-0.39 against 0.31-0.46 pairs/s). Against TRL the bf16 speedup went from
+2.59-2.88x to 2.23-2.76x over the day's runs (README, "Performance").
 
 This is segment checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
 Cost") with segments of two layers, where the second layer's recomputation starts from the
