@@ -282,3 +282,24 @@ def test_8bit_lora_trains_on_cpu(tiny_llama, batch):
     _no_grad_passes(model, batch)
     missing, unchanged = _train_step(model, optimizer, batch)
     assert missing == [] and unchanged == []
+
+
+def test_paired_checkpointing_gives_the_same_4bit_gradients(tiny_llama, batch):
+    """The second layer of a pair runs its forward without gradients and its first layer again in
+    the backward (preftune.training.paired_checkpointing): with 4-bit layers, after the no-grad
+    passes DPO makes, the gradients are still those of plain per-layer checkpointing."""
+    from preftune.training.paired_checkpointing import paired_checkpointing
+
+    model = _load(tiny_llama, prepare=True)
+    with torch.no_grad():  # B starts at zero, and so would every gradient of A
+        for name, param in _trainable(model).items():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    _no_grad_passes(model, batch)
+    plain = _backward(model, batch)
+    with paired_checkpointing(list(model.get_base_model().model.layers)) as pairs:
+        paired = _backward(model, batch)
+    assert pairs == 1
+    assert not _without_grad(plain) and plain.keys() == paired.keys()
+    for name in plain:
+        assert torch.equal(plain[name], paired[name]), name
