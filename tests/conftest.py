@@ -171,3 +171,24 @@ def chat_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     folder = tmp_path_factory.mktemp("chat-adapter")
     get_peft_model(base, config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def paired_steps(monkeypatch) -> list[int]:
+    """The number of layer pairs each training step's paired checkpointing set up
+    (preftune.training.paired_checkpointing), one entry per step that entered it."""
+    import contextlib
+
+    from preftune.training import paired_checkpointing as paired_module
+
+    pairs_per_step: list[int] = []
+    real = paired_module.paired_checkpointing
+
+    @contextlib.contextmanager
+    def recording(layers):
+        with real(layers) as pairs:
+            pairs_per_step.append(pairs)
+            yield pairs
+
+    monkeypatch.setattr(paired_module, "paired_checkpointing", recording)
+    return pairs_per_step

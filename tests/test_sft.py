@@ -313,23 +313,9 @@ def test_sft_adapter_feeds_dpo_as_policy_and_frozen_reference(tiny_model_dir, pa
         torch.testing.assert_close(reference[name], value)
 
 
-def test_sft_pairs_checkpointed_layers_with_the_same_losses(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+def test_sft_pairs_checkpointed_layers_with_the_same_losses(tiny_model_dir, sft_data, tmp_path, paired_steps):
     """`preftune sft` runs its steps with paired checkpointing too (preftune.training
     .paired_checkpointing); the losses and gradient norms match --paired_checkpointing false."""
-    import contextlib
-
-    from preftune.training import paired_checkpointing as paired_module
-
-    pairs_per_step = []
-    real = paired_module.paired_checkpointing
-
-    @contextlib.contextmanager
-    def recording(layers):
-        with real(layers) as pairs:
-            pairs_per_step.append(pairs)
-            yield pairs
-
-    monkeypatch.setattr(paired_module, "paired_checkpointing", recording)
     histories = {}
     for paired in ("true", "false"):
         args = quiet_args(
@@ -339,5 +325,5 @@ def test_sft_pairs_checkpointed_layers_with_the_same_losses(tiny_model_dir, sft_
         )  # fmt: skip
         history = run_sft(*args).trainer.state.log_history
         histories[paired] = [(h["loss"], h["grad_norm"]) for h in history if "loss" in h]
-    assert pairs_per_step == [1, 1]  # the tiny model's 2 layers, in each step of the paired run
+    assert paired_steps == [1, 1]  # the tiny model's 2 layers, in each step of the paired run
     assert len(histories["true"]) == 2 and histories["true"] == histories["false"]

@@ -5,7 +5,6 @@ precomputed reference log-probs give the same numbers as on-the-fly ones.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -489,23 +488,13 @@ def test_cpu_training_steps_release_the_heap_between_layers(tiny_model_dir, data
 
 
 def test_paired_checkpointing_trains_exactly_like_per_layer_checkpointing(
-    tiny_model_dir, data_file, tmp_path, monkeypatch
+    tiny_model_dir, data_file, tmp_path, monkeypatch, paired_steps
 ):
     """The default pairs the checkpointed decoder layers in each training step
     (preftune.training.paired_checkpointing); losses and gradient norms are the same, bit for bit,
     dropout on, as with every layer keeping its input (--paired_checkpointing false)."""
     from preftune.training import paired_checkpointing as paired_module
 
-    pairs_per_step = []
-    real = paired_module.paired_checkpointing
-
-    @contextlib.contextmanager
-    def recording(layers):
-        with real(layers) as pairs:
-            pairs_per_step.append(pairs)
-            yield pairs
-
-    monkeypatch.setattr(paired_module, "paired_checkpointing", recording)
     second_layer_runs = []
     second_layer = paired_module._SecondLayer
 
@@ -526,7 +515,7 @@ def test_paired_checkpointing_trains_exactly_like_per_layer_checkpointing(
         )  # fmt: skip
         _, trainer, _ = run_capturing(args)
         histories[paired] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
-    assert pairs_per_step == [1, 1]  # the tiny model's 2 layers, in each step of the paired run
+    assert paired_steps == [1, 1]  # the tiny model's 2 layers, in each step of the paired run
     assert len(second_layer_runs) == 2  # the second layer took the paired path in both steps
     assert len(histories["true"]) == 2
     assert histories["true"] == histories["false"]
